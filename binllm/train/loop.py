@@ -1,0 +1,113 @@
+"""The one training loop: steps, periodic validation, early stopping on AUC, checkpoint and resume.
+
+Task code (encoder pretraining, LoRA tuning) supplies the batches, the loss and the evaluation;
+the `Backend` decides where it runs. Batches must be deterministic per epoch, so that a resumed run
+skips exactly the batches it had already trained on.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from binllm.train.backend import Backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopSettings:
+    max_epochs: int = 1
+    patience: int = 3  # validations without improvement before stopping
+    eval_every: int = 0  # optimizer steps between validations; 0: at the end of each epoch
+    max_steps: int = 0  # 0: no cap
+
+
+@dataclass
+class LoopResult:
+    best_auc: float
+    best_state: dict[str, torch.Tensor]
+    steps: int
+    epochs: int
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from_step: int | None = None
+
+
+def run_training(
+    backend: Backend,
+    model: torch.nn.Module,
+    *,
+    batches: Callable[[int], Iterable[Any]],
+    loss_fn: Callable[[torch.nn.Module, Any, int], torch.Tensor],
+    evaluate: Callable[[], dict[str, float]],
+    settings: LoopSettings,
+    on_step: Callable[[int], None] | None = None,
+) -> LoopResult:
+    """Trains `model` (already passed through backend.prepare) and returns its best state by validation AUC.
+
+    batches(epoch) yields this rank's micro-batches; loss_fn(model, batch, epoch) returns the loss;
+    evaluate() returns metrics with "auc" over all ranks' rows.
+    """
+    state = {"step": 0, "epoch": 0, "batch": 0, "best_auc": -math.inf, "bad_evals": 0, "history": [], "best_state": None}
+    restored = backend.load_checkpoint()
+    resumed_from = None
+    if restored is not None:
+        state.update(restored)
+        resumed_from = state["step"]
+        log.info("resumed from checkpoint at step %d (epoch %d)", state["step"], state["epoch"])
+
+    def validate() -> bool:
+        """Returns True when training should stop."""
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate()
+        model.train()
+        auc = float(metrics["auc"])
+        state["history"].append({"step": state["step"], **{k: float(v) for k, v in metrics.items()}})
+        if auc > state["best_auc"]:
+            state["best_auc"], state["bad_evals"] = auc, 0
+            state["best_state"] = backend.trainable_state(model)
+        else:
+            state["bad_evals"] += 1
+        if backend.is_main:
+            log.info("step %d: validation %s (best auc %.4f)", state["step"],
+                     " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), state["best_auc"])
+        backend.save_checkpoint(dict(state), {"step": state["step"], **metrics, "best_auc": state["best_auc"]})
+        return state["bad_evals"] >= settings.patience
+
+    stopped = False
+    model.train()
+    while state["epoch"] < settings.max_epochs and not stopped:
+        epoch = state["epoch"]
+        evaluated_at = -1
+        for index, batch in enumerate(batches(epoch)):
+            if index < state["batch"]:
+                continue
+            loss = loss_fn(model, batch, epoch)
+            state["batch"] = index + 1
+            if not backend.backward_step(loss):
+                continue
+            state["step"] += 1
+            if on_step is not None:
+                on_step(state["step"])
+            at_cap = settings.max_steps and state["step"] >= settings.max_steps
+            if (settings.eval_every and state["step"] % settings.eval_every == 0) or at_cap:
+                evaluated_at = state["step"]
+                if validate() or at_cap:
+                    stopped = True
+                    break
+        if stopped:
+            break
+        state["epoch"], state["batch"] = epoch + 1, 0
+        if evaluated_at != state["step"]:
+            stopped = validate()
+    if state["best_state"] is None:
+        state["best_state"] = backend.trainable_state(model)
+    return LoopResult(
+        best_auc=state["best_auc"], best_state=state["best_state"], steps=state["step"], epochs=state["epoch"],
+        stopped_early=stopped, history=state["history"], resumed_from_step=resumed_from,
+    )
