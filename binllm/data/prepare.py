@@ -1,0 +1,122 @@
+"""Labels, time split, histories and warm/cold flags: interactions -> examples, column-wise."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from binllm.config import DataConfig, SplitConfig
+from binllm.data.schema import DataError
+
+SPLITS = np.array(["train", "valid", "test"], dtype=object)
+
+EXAMPLES = pa.schema([
+    ("user_id", pa.string()), ("item_id", pa.string()), ("label", pa.int8()), ("timestamp", pa.int64()),
+    ("split", pa.string()), ("history", pa.list_(pa.string())), ("warm", pa.bool_()), ("rating", pa.float64()),
+])
+
+
+def labels_from(interactions: pa.Table, min_rating: float) -> np.ndarray:
+    """The given 0/1 label where present, else rating >= min_rating."""
+    label = interactions.column("label")
+    if label.null_count == 0:
+        return label.to_numpy().astype(np.int8)
+    rating = interactions.column("rating")
+    if rating.null_count:
+        raise DataError("interactions: rows with neither a rating nor a label")
+    return (rating.to_numpy() >= min_rating).astype(np.int8)
+
+
+def month_index(timestamps: np.ndarray) -> np.ndarray:
+    """Calendar months (UTC) since the first month of the log."""
+    months = timestamps.astype("datetime64[s]").astype("datetime64[M]").astype(np.int64)
+    return months - months.min()
+
+
+def assign_split(timestamps: np.ndarray, order: np.ndarray, split: SplitConfig) -> np.ndarray:
+    """Split code per row: 0 train, 1 valid, 2 test, -1 dropped. `order` sorts rows by time."""
+    n = len(timestamps)
+    code = np.full(n, -1, dtype=np.int8)
+    if split.kind == "fractions":
+        n_train = int(np.floor(n * split.fractions[0]))
+        n_valid = int(np.floor(n * (split.fractions[0] + split.fractions[1]))) - n_train
+        ranks = np.empty(n, dtype=np.int64)
+        ranks[order] = np.arange(n)
+        code[:] = np.where(ranks < n_train, 0, np.where(ranks < n_train + n_valid, 1, 2))
+    elif split.kind == "months":
+        months = month_index(timestamps)
+        for value, window in enumerate((split.train_months, split.valid_months, split.test_months)):
+            if len(window) != 2 or window[0] > window[1]:
+                raise DataError(f"config key 'data.split.*_months': expected [first, last], got {window}")
+            code[(months >= window[0]) & (months <= window[1])] = value
+    else:
+        if split.valid_start is None or split.test_start is None or split.valid_start > split.test_start:
+            raise DataError("config keys 'data.split.valid_start' and 'data.split.test_start' are required "
+                            "for kind 'timestamps', with valid_start <= test_start")
+        lo = split.start if split.start is not None else np.iinfo(np.int64).min
+        hi = split.end if split.end is not None else np.iinfo(np.int64).max
+        inside = (timestamps >= lo) & (timestamps < hi)
+        code[inside] = np.where(timestamps[inside] < split.valid_start, 0,
+                                np.where(timestamps[inside] < split.test_start, 1, 2))
+    return code
+
+
+def histories(users: np.ndarray, positives: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """For rows sorted by (user, time): the last `max_len` positive rows strictly before each row, same user.
+
+    Returns (offsets, flat row indices) of a list column, oldest first.
+    """
+    n = len(users)
+    pos_rows = np.flatnonzero(positives)
+    before = np.cumsum(positives) - positives  # positives among earlier rows, all users
+    user_start = np.r_[True, users[1:] != users[:-1]]
+    first_of_user = np.maximum.accumulate(np.where(user_start, np.arange(n), 0))
+    user_first_pos = before[first_of_user]
+    start = np.maximum(user_first_pos, before - max_len)
+    lengths = before - start
+    offsets = np.r_[0, np.cumsum(lengths)]
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    flat = pos_rows[np.repeat(start, lengths) + within]
+    return offsets.astype(np.int32), flat
+
+
+def prepare_examples(interactions: pa.Table, cfg: DataConfig) -> pa.Table:
+    """Labelled, time-split examples with histories and warm flags, sorted by time (see EXAMPLES)."""
+    if interactions.num_rows == 0:
+        raise DataError("interactions: no rows to prepare")
+    labels = labels_from(interactions, cfg.min_rating)
+    timestamps = interactions.column("timestamp").to_numpy()
+    time_order = np.lexsort((np.arange(len(timestamps)), timestamps))
+    split = assign_split(timestamps, time_order, cfg.split)
+    kept = time_order[split[time_order] >= 0]
+    if len(kept) == 0:
+        raise DataError(f"data.split: no rows fall inside the configured {cfg.split.kind} windows")
+
+    rows = interactions.take(pa.array(kept))
+    users = np.asarray(rows.column("user_id").to_pylist(), dtype=object)
+    items = rows.column("item_id").combine_chunks()
+    labels, split = labels[kept], split[kept]
+    # Within each user, rows keep time order (stable sort over the time-ordered rows).
+    by_user = np.argsort(users, kind="stable")
+    offsets, flat = histories(users[by_user], labels[by_user].astype(bool), cfg.history_len)
+    hist_items = pc.take(items, pa.array(by_user[flat]))
+    history_by_user = pa.ListArray.from_arrays(pa.array(offsets), hist_items)
+    inverse = np.empty_like(by_user)
+    inverse[by_user] = np.arange(len(by_user))
+    history = pc.take(history_by_user, pa.array(inverse))
+
+    train = split == 0
+    train_users = pa.array(np.unique(users[train]).tolist(), type=pa.string())
+    train_items = pc.unique(pc.filter(items, pa.array(train)))
+    warm = (pc.is_in(rows.column("user_id"), value_set=train_users).to_numpy(zero_copy_only=False)
+            & pc.is_in(items, value_set=train_items).to_numpy(zero_copy_only=False))
+    return pa.table({
+        "user_id": rows.column("user_id"),
+        "item_id": items,
+        "label": pa.array(labels, type=pa.int8()),
+        "timestamp": rows.column("timestamp"),
+        "split": pa.array(SPLITS[split], type=pa.string()),
+        "history": history.cast(pa.list_(pa.string())),
+        "warm": pa.array(warm),
+        "rating": rows.column("rating"),
+    }, schema=EXAMPLES)

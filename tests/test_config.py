@@ -1,0 +1,40 @@
+import pytest
+
+from binllm.config import ConfigError, load_config
+
+
+def test_repo_default_config_loads_and_overrides_apply(tmp_path):
+    cfg = load_config("ray_config.yaml", ["tune.stage1.epochs=3", "encoder.lr=0.5", "run.name=abc"])
+    assert cfg.tune.stage1.epochs == 3 and cfg.encoder.lr == 0.5
+    assert cfg.run_dir().endswith("/abc")
+    assert cfg.tune.lora.r == 8 and cfg.tune.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_nested_sections_keep_defaults_for_keys_left_out(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("tune:\n  stage1:\n    epochs: 2\n")
+    cfg = load_config(path)
+    assert cfg.tune.stage1.epochs == 2 and cfg.tune.stage1.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("encoder.lrr=1", "unknown config key 'encoder.lrr'"),
+    ("encoder.lr=abc", "config key 'encoder.lr': expected a number"),
+    ("prompt.kind=zzz", "config key 'prompt.kind': expected one of"),
+    ("tune.lora=3", "config key 'tune.lora': expected a mapping"),
+    ("encoder.bits=12", "config key 'encoder.bits': expected a positive multiple of 8"),
+    ("data.split.fractions=[0.5,0.2]", "data.split.fractions"),
+    ("nokey", "expected key=value"),
+])
+def test_bad_keys_and_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_top_level_key_in_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("encodr:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'encodr'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
