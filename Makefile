@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine:
+#   make demo   installs binllm into .venv, then runs the embedded demo job (jobs/demo.py)
+#   make test   installs binllm with its test extras into .venv, then runs the whole test suite
+# torch is installed first, pinned by constraints.txt, so that nothing pulls a CUDA build onto a CPU
+# machine. Where pip would find only the CUDA wheel, pass the CPU index, e.g.
+#   make demo TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIP_ARGS ?=
+STAMP := $(VENV)/.binllm-installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m jobs.demo $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

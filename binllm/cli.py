@@ -1,0 +1,52 @@
+"""What every job entry point shares: `--config FILE --set key=value` parsing, logging, Ray start-up."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from binllm.config import Config, ConfigError, load_config
+
+DEFAULT_CONFIG = "ray_config.yaml"
+
+
+def parse_job_args(description: str, argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None,
+                        help=f"YAML config (default: ./{DEFAULT_CONFIG})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set encoder.lr=0.001 (repeatable)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        parser.exit(2, f"error: {exc}\n")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+    for noisy in ("urllib3", "filelock", "httpx", "fsspec", "botocore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def loopback_ray_env() -> None:
+    """Keeps a local Ray on 127.0.0.1 with no auth token; harmless when joining a real cluster."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def init_ray(num_cpus: int | None = None):
+    """Joins the cluster named by RAY_ADDRESS (ray job submit sets it), else starts a local Ray."""
+    loopback_ray_env()
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    return ray
