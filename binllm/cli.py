@@ -30,6 +30,15 @@ def setup_logging() -> None:
                         stream=sys.stdout, force=True)
     for noisy in ("urllib3", "filelock", "httpx", "fsspec", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 def loopback_ray_env() -> None:

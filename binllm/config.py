@@ -33,6 +33,7 @@ class StorageConfig:
     region: str | None = None
     access_key_id: str | None = None
     secret_access_key: str | None = None
+    session_token: str | None = None
     anon: bool = False
 
 
@@ -85,11 +86,13 @@ class EncoderConfig:
     dim: int = 32
     bits: int = 32
     lr: float = 1e-2
-    weight_decay: float = 1e-3
+    weight_decay: float = 1e-4
+    mf_lr: float = 1e-3  # the continuous MF baseline
+    mf_weight_decay: float = 1e-4
     batch_size: int = 2048
-    max_epochs: int = 60
-    patience: int = 5
-    anneal_epochs: int = 20  # beta (share of hard codes) rises 0 -> 1 over these epochs
+    max_epochs: int = 300
+    patience: int = 20  # validations (one per epoch) without improvement
+    anneal_epochs: int = 100  # beta (share of hard codes) rises 0 -> 1 over these epochs
     codes: str = ""  # code tables location; empty means <run dir>/codes
 
 
@@ -153,12 +156,17 @@ class DistributedConfig:
     storage_path: str = ""  # Ray Train storage; empty means <output_root>/ray_train
     max_failures: int = 1
     num_to_keep: int = 2
+    fail_at_step: int = 0  # fault-injection hook for tests: rank 0 raises at this optimizer step once (0: never)
 
 
 @dataclass
 class ScoreConfig:
     requests: str = ""  # Parquet of (user_id, item_id) pairs; empty means candidate generation
     users: str = ""  # Parquet with user_id of the active users, for candidate generation
+    interactions: str = ""  # log for histories (user_id, item_id, timestamp, label or rating); empty: prepared examples
+    items: str = ""  # item catalog (item_id, title); empty means the prepared examples' items.parquet
+    history_before: int = 0  # unix seconds; later interactions are ignored; 0 means 00:00 UTC of dt
+    partitions: int = 0  # hash partitions of the per-user join; 0 means Ray Data's default
     top_k: int = 20
     output: str = ""  # empty means <run dir>/scores
     dt: str = ""  # partition date YYYY-MM-DD; empty means today (UTC)
@@ -238,6 +246,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -24,6 +25,7 @@ class LoopSettings:
     patience: int = 3  # validations without improvement before stopping
     eval_every: int = 0  # optimizer steps between validations; 0: at the end of each epoch
     max_steps: int = 0  # 0: no cap
+    log_every_s: float = 30.0  # progress line (step, mean loss) at most this often
 
 
 @dataclass
@@ -79,6 +81,18 @@ def run_training(
         backend.save_checkpoint(dict(state), {"step": state["step"], **metrics, "best_auc": state["best_auc"]})
         return state["bad_evals"] >= settings.patience
 
+    progress = {"last": time.monotonic(), "loss": None, "count": 0}
+
+    def report_progress(loss: torch.Tensor) -> None:
+        detached = loss.detach().float()
+        progress["loss"] = detached if progress["loss"] is None else progress["loss"] + detached
+        progress["count"] += 1
+        now = time.monotonic()
+        if backend.is_main and now - progress["last"] >= settings.log_every_s:
+            log.info("epoch %d, step %d: mean loss %.4f over the last %d micro-batches", state["epoch"], state["step"],
+                     progress["loss"].item() / progress["count"], progress["count"])
+            progress.update(last=now, loss=None, count=0)
+
     stopped = False
     model.train()
     while state["epoch"] < settings.max_epochs and not stopped:
@@ -88,6 +102,7 @@ def run_training(
             if index < state["batch"]:
                 continue
             loss = loss_fn(model, batch, epoch)
+            report_progress(loss)
             state["batch"] = index + 1
             if not backend.backward_step(loss):
                 continue
