@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from typing import Any, Callable
+
 from binllm.config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = "ray_config.yaml"
@@ -59,3 +61,22 @@ def init_ray(num_cpus: int | None = None):
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
     return ray
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that describe bad input or configuration: shown as one line, never as a traceback."""
+    from binllm.assets import AssetError
+    from binllm.data.schema import DataError
+    from binllm.storage import StorageError
+
+    return ConfigError, DataError, StorageError, AssetError, FileNotFoundError
+
+
+def run_job(run: Callable[[Config], Any], description: str, argv: list[str] | None = None) -> None:
+    """Entry-point body: parse the config, run, and turn input errors into `error: ...` with exit code 2."""
+    cfg = parse_job_args(description, argv)
+    try:
+        run(cfg)
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from binllm import storage
-from binllm.cli import parse_job_args
+from binllm.cli import run_job
 from binllm.config import Config
 from binllm.encoder import export_codes, save_encoder, score_pairs, train_encoder, write_code_tables
 from binllm.llm import answer_token_id, load_causal_lm, save_adapter, score_prompts
@@ -126,4 +126,4 @@ def run(cfg: Config) -> pa.Table:
 
 
 if __name__ == "__main__":
-    run(parse_job_args(__doc__))
+    run_job(run, __doc__)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from binllm import storage
-from binllm.cli import parse_job_args
+from binllm.cli import run_job
 from binllm.config import Config
 from binllm.metrics import evaluate_scores, format_report, report_table
 
@@ -58,4 +58,4 @@ def run(cfg: Config) -> pa.Table:
 
 
 if __name__ == "__main__":
-    run(parse_job_args(__doc__))
+    run_job(run, __doc__)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
-from binllm.cli import parse_job_args
+from binllm.cli import run_job
 from binllm.config import Config
 from binllm.data import prepare_examples
 from binllm.sources import load_interactions, write_examples
@@ -30,4 +30,4 @@ def run(cfg: Config):
 
 
 if __name__ == "__main__":
-    run(parse_job_args(__doc__))
+    run_job(run, __doc__)
