@@ -1,0 +1,24 @@
+"""The LLM layer: loading, prompt tokens, LoRA, the differentiable answer logit, and bulk scoring."""
+from binllm.llm.forward import collate_prompts, yes_logits
+from binllm.llm.loading import load_causal_lm, load_tokenizer
+from binllm.llm.lora import apply_lora, load_adapter, save_adapter
+from binllm.llm.scoring import score_encoded, score_prompts
+from binllm.llm.tiny import build_tiny_llm
+from binllm.llm.tokens import EncodedPrompts, answer_token_id, encode_prompt_parts, encode_prompts
+
+__all__ = [
+    "EncodedPrompts",
+    "answer_token_id",
+    "apply_lora",
+    "build_tiny_llm",
+    "collate_prompts",
+    "encode_prompt_parts",
+    "encode_prompts",
+    "load_adapter",
+    "load_causal_lm",
+    "load_tokenizer",
+    "save_adapter",
+    "score_encoded",
+    "score_prompts",
+    "yes_logits",
+]

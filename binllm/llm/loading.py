@@ -1,0 +1,72 @@
+"""Loading a causal LM and its tokenizer from a local Hugging Face folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DType = Literal["auto", "float32", "bfloat16"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: DType, device: str | torch.device) -> torch.dtype:
+    """"auto" is bfloat16 on CUDA and float32 elsewhere (CPU bf16 matmuls are slow and imprecise)."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _check_model_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"LLM folder {folder} does not exist or is not a directory")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(
+            f"{folder} is not a Hugging Face model folder: config.json is missing "
+            f"(found: {sorted(p.name for p in folder.iterdir())[:10]})"
+        )
+    try:
+        json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")]
+    if not weights:
+        raise ValueError(f"{folder} has a config.json but no model weights (*.safetensors or *.bin)")
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer with left padding and a pad token (the EOS token when it has none)."""
+    folder = Path(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer in {folder} has neither a pad token nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    path: str | Path,
+    *,
+    dtype: DType = "auto",
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) from a local Hugging Face folder, in eval mode, with SDPA attention."""
+    folder = Path(path)
+    _check_model_folder(folder)
+    tokenizer = load_tokenizer(folder)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=resolve_dtype(dtype, device), attn_implementation="sdpa"
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,51 @@
+"""LoRA adapters (PEFT): attach, save as safetensors, load onto a base model."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+) -> PeftModel:
+    """Wrap `model` with fresh LoRA adapters on `target_modules`; only the adapters are trainable."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(target_modules) - names)
+    if missing:
+        raise ValueError(f"LoRA target modules {missing} are not in {type(model).__name__}")
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def save_adapter(model: PeftModel, folder: str | Path) -> Path:
+    """Write the adapter weights (adapter_model.safetensors) and adapter_config.json to `folder`."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"save_adapter expects a PeftModel (see apply_lora), got {type(model).__name__}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def load_adapter(base_model: PreTrainedModel, folder: str | Path, *, trainable: bool = False) -> PeftModel:
+    """Attach the adapter saved in `folder` to `base_model` (frozen unless trainable=True)."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {ADAPTER_CONFIG} is missing")
+    return PeftModel.from_pretrained(base_model, folder, is_trainable=trainable)

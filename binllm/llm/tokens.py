@@ -1,0 +1,78 @@
+"""The canonical token sequence of a prompt, and the answer token that follows it.
+
+A prompt arrives as two strings: `prefix` (depends only on the user) and `suffix` (the candidate item
+and the question). Its canonical tokens are `encode(prefix, special tokens) + encode(suffix, none)`;
+training and both scoring paths use exactly these tokens.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class EncodedPrompts:
+    """Prompts encoded once per distinct prefix: pair i is `prefix_ids[pair_prefix[i]] + suffix_ids[i]`."""
+
+    prefix_ids: list[list[int]]
+    suffix_ids: list[list[int]]
+    pair_prefix: np.ndarray  # int64, one entry per pair
+
+    def __len__(self) -> int:
+        return len(self.suffix_ids)
+
+    def sequences(self) -> list[list[int]]:
+        return [self.prefix_ids[p] + s for p, s in zip(self.pair_prefix.tolist(), self.suffix_ids)]
+
+
+def _check_pairs(prefixes: Sequence[str], suffixes: Sequence[str]) -> None:
+    if len(prefixes) != len(suffixes):
+        raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; expected one of each per prompt")
+
+
+def encode_prompt_parts(
+    tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str], suffixes: Sequence[str]
+) -> EncodedPrompts:
+    """Tokenise each distinct prefix once and every suffix, in two batched tokenizer calls."""
+    _check_pairs(prefixes, suffixes)
+    index: dict[str, int] = {}
+    pair_prefix = np.fromiter((index.setdefault(p, len(index)) for p in prefixes), dtype=np.int64, count=len(prefixes))
+    distinct = list(index)
+    prefix_ids = tokenizer(distinct, add_special_tokens=True)["input_ids"] if distinct else []
+    suffix_ids = tokenizer(list(suffixes), add_special_tokens=False)["input_ids"] if len(suffixes) else []
+    for i, ids in enumerate(suffix_ids):
+        if not ids:
+            raise ValueError(f"suffix {i} ({suffixes[i]!r}) encodes to no tokens; a prompt must end with a suffix")
+    for i, ids in enumerate(prefix_ids):
+        if not ids:
+            raise ValueError(f"prefix {distinct[i]!r} encodes to no tokens")
+    return EncodedPrompts(prefix_ids=prefix_ids, suffix_ids=suffix_ids, pair_prefix=pair_prefix)
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str], suffixes: Sequence[str]
+) -> list[list[int]]:
+    """The canonical token ids of each prompt (prefix + suffix), in input order."""
+    return encode_prompt_parts(tokenizer, prefixes, suffixes).sequences()
+
+
+def answer_token_id(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str = " Yes") -> int:
+    """The first token the tokenizer produces for `answer` when it follows `prompt`.
+
+    Tokenising the answer alone can give a different token (" Yes" vs "Yes"), so tokenise prompt + answer
+    and take the first token after the prompt's own tokens.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    n = len(prompt_ids)
+    if full_ids[:n] != prompt_ids or len(full_ids) <= n:
+        raise ValueError(
+            f"cannot derive the answer token for {answer!r}: the prompt's tokens are not a prefix of the tokens of "
+            f"prompt + answer (prompt ends with {tokenizer.convert_ids_to_tokens(prompt_ids[-3:])}, "
+            f"prompt + answer ends with {tokenizer.convert_ids_to_tokens(full_ids[-4:])}); "
+            "the prompt's last token merges with the answer"
+        )
+    return int(full_ids[n])
