@@ -1,0 +1,84 @@
+"""The scoring job's inputs: where each one lives, checked before any Ray work starts."""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from binllm import sources, storage
+from binllm.config import Config
+from binllm.data.schema import DataError
+
+
+class InputError(DataError):
+    """A scoring input is missing, or lacks a column it needs."""
+
+
+@dataclass(frozen=True)
+class ScoringInputs:
+    interactions: str
+    items: str
+    user_codes: str
+    item_codes: str
+    requests: str | None  # explicit (user_id, item_id) pairs; None means candidate generation
+    users: str | None  # active users for candidate generation; None means every user with a code
+    output: str
+    dt: str
+    history_before: int  # unix seconds; interactions at or after it are not history
+
+
+def resolve_inputs(cfg: Config) -> ScoringInputs:
+    score = cfg.score
+    examples = sources.examples_uri(cfg)
+    codes = sources.codes_uri(cfg)
+    dt = score.dt or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+    storage.check_dt(dt)
+    if score.history_before:
+        cutoff = score.history_before
+    else:
+        cutoff = int(_dt.datetime.fromisoformat(dt).replace(tzinfo=_dt.timezone.utc).timestamp())
+    if score.requests and score.users:
+        raise InputError("config keys 'score.requests' and 'score.users': set one (explicit pairs or active users), not both")
+    if score.top_k <= 0:
+        raise InputError(f"config key 'score.top_k': expected a positive number of candidates, got {score.top_k}")
+    return ScoringInputs(
+        interactions=score.interactions or storage.join_uri(examples, "examples.parquet"),
+        items=score.items or storage.join_uri(examples, "items.parquet"),
+        user_codes=storage.join_uri(codes, "users.parquet"),
+        item_codes=storage.join_uri(codes, "items.parquet"),
+        requests=score.requests or None,
+        users=score.users or None,
+        output=score.output or storage.join_uri(cfg.run_dir(), "scores"),
+        dt=dt,
+        history_before=cutoff,
+    )
+
+
+def parquet_paths(uri: str, what: str, storage_cfg=None) -> tuple[pafs.FileSystem, list[str]]:
+    """(filesystem, Parquet files) of a file or folder URI; errors name `what` and the URI."""
+    fs, path = storage.filesystem_for(uri, storage_cfg)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"{what} not found: {uri}")
+    if info.type == pafs.FileType.File:
+        return fs, [path]
+    files = [i.path for i in storage.list_files(uri, storage_cfg) if i.path.endswith(".parquet")]
+    if not files:
+        raise InputError(f"{what} {uri}: folder holds no .parquet files")
+    return fs, files
+
+
+def check_schema(uri: str, what: str, required: list[str], storage_cfg=None,
+                 one_of: list[str] | None = None) -> pa.Schema:
+    """The schema of a Parquet input, with every `required` column and at least one of `one_of` present."""
+    fs, files = parquet_paths(uri, what, storage_cfg)
+    schema = pq.read_schema(files[0], filesystem=fs)
+    missing = [c for c in required if c not in schema.names]
+    if missing:
+        raise InputError(f"{what} {uri}: missing column(s) {missing}; it has {schema.names}")
+    if one_of and not any(c in schema.names for c in one_of):
+        raise InputError(f"{what} {uri}: needs one of the columns {one_of}; it has {schema.names}")
+    return schema

@@ -1,0 +1,179 @@
+"""The nightly scoring job as a Ray Data pipeline.
+
+    interactions ─ normalise ─┐
+    requests | active users ──┴ union ─ hash-partition by user ─ histories, candidates, prompts
+        ─ Scorer actor pool (one LLM per actor) ─ Parquet under <output>/dt=D/run=R/ ─ manifest ─ publish
+
+A rerun of a date writes a fresh run folder and replaces the live one only when the pointer manifest
+flips (see binllm.storage), so readers never see a partial or doubled result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import ray
+
+from binllm import sources, storage
+from binllm.config import Config, StorageConfig
+from binllm.pipeline.inputs import ScoringInputs, check_schema, parquet_paths, resolve_inputs
+from binllm.pipeline.pairs import (PairSpec, build_pairs, normalise_log, normalise_requests, normalise_users,
+                                   timestamp_seconds)
+from binllm.pipeline.scorer import Scorer, ScorerSpec
+
+logger = logging.getLogger(__name__)
+
+POPULAR_EXTRA = 1000  # popularity fallback ranks top_k + this many items; users who saw more get fewer
+
+
+@dataclass
+class ScoringSummary:
+    run_id: str
+    dt: str
+    output: str
+    rows_in: int  # requests, or active users in candidate mode
+    rows_out: int
+    fallbacks: int
+    seconds: float
+    pairs_per_s: float
+    manifest: dict
+
+    def line(self) -> str:
+        return (f"scored {self.rows_out} pairs ({self.fallbacks} text-only fallbacks) from {self.rows_in} "
+                f"{'requests' if self.manifest['mode'] == 'requests' else 'active users'} in {self.seconds:.1f} s "
+                f"({self.pairs_per_s:.1f} pairs/s); published {self.output}/dt={self.dt} run {self.run_id}")
+
+
+def code_version() -> str:
+    try:
+        version = metadata.version("binllm")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
+
+
+def redacted_config(cfg: Config) -> dict:
+    out = cfg.to_dict()
+    for key in ("access_key_id", "secret_access_key", "session_token"):
+        if out["storage"].get(key):
+            out["storage"][key] = "***"
+    return out
+
+
+def _read(uri: str, what: str, columns: list[str], cfg: Config) -> ray.data.Dataset:
+    fs, paths = parquet_paths(uri, what, cfg.storage)
+    return ray.data.read_parquet(paths, filesystem=fs, partitioning=None).select_columns(columns)
+
+
+def _popular_items(inputs: ScoringInputs, cfg: Config) -> list[str]:
+    """Item ids by interaction count before the cutoff, most first (ties by id)."""
+    fs, paths = parquet_paths(inputs.interactions, "interaction log", cfg.storage)
+    table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=["item_id", "timestamp"])
+    ts = timestamp_seconds(table.column("timestamp"))
+    items = table.column("item_id").cast("string").filter(pc.less(ts, inputs.history_before))
+    counts = pc.value_counts(items)
+    ids = np.asarray(counts.field("values").to_pylist(), dtype=object)
+    n = counts.field("counts").to_numpy()
+    order = np.lexsort((ids, -n))
+    return ids[order][: cfg.score.top_k + POPULAR_EXTRA].tolist()
+
+
+def _requests_dataset(inputs: ScoringInputs, cfg: Config) -> tuple[ray.data.Dataset, str]:
+    if inputs.requests:
+        check_schema(inputs.requests, "scoring requests", ["user_id", "item_id"], cfg.storage)
+        return _read(inputs.requests, "scoring requests", ["user_id", "item_id"], cfg).map_batches(
+            normalise_requests, batch_format="pyarrow"), "requests"
+    users = inputs.users or inputs.user_codes
+    column = "user_id" if inputs.users else "id"
+    check_schema(users, "active users" if inputs.users else "user code table", [column], cfg.storage)
+    ds = _read(users, "active users", [column], cfg)
+    if column != "user_id":
+        ds = ds.rename_columns({column: "user_id"})
+    return ds.map_batches(normalise_users, batch_format="pyarrow"), "candidates"
+
+
+def run_scoring(cfg: Config) -> ScoringSummary:
+    """Scores the configured pairs for date cfg.score.dt and publishes them; see the module docstring."""
+    start = time.perf_counter()
+    # Workers on other nodes may lack this process's AWS variables: hand them the resolved settings.
+    cfg = dataclasses.replace(cfg, storage=StorageConfig(**storage.resolve_s3_settings(cfg.storage)))
+    inputs = resolve_inputs(cfg)
+    run_id = storage.check_run_id(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}")
+    log_schema = check_schema(inputs.interactions, "interaction log", ["user_id", "item_id", "timestamp"],
+                              cfg.storage, one_of=["label", "rating"])
+    check_schema(inputs.items, "item catalog", ["item_id", "title"], cfg.storage)
+    check_schema(inputs.user_codes, "user code table", ["id", "bits"], cfg.storage)
+    check_schema(inputs.item_codes, "item code table", ["id", "bits"], cfg.storage)
+    adapter = sources.adapter_uri(cfg)
+    storage.require_exists(adapter, "LoRA adapter", cfg.storage)
+    model_dir = str(sources.model_folder(cfg.llm.model, cfg)) if cfg.llm.model == sources.DEMO_MODEL else cfg.llm.model
+    checksums = {"model": storage.dir_checksum(model_dir, cfg.storage),
+                 "adapter": storage.dir_checksum(adapter, cfg.storage)}
+    model_version = cfg.score.model_version or f"adapter-{checksums['adapter'][:12]}"
+
+    log_columns = ["user_id", "item_id", "timestamp", "label" if "label" in log_schema.names else "rating"]
+    log = _read(inputs.interactions, "interaction log", log_columns, cfg).map_batches(
+        normalise_log, batch_format="pyarrow",
+        fn_kwargs={"history_before": inputs.history_before, "min_rating": cfg.data.min_rating})
+    wanted, mode = _requests_dataset(inputs, cfg)
+    rows_in = wanted.count()
+    logger.info("scoring %d %s for dt=%s as run %s", rows_in, mode, inputs.dt, run_id)
+
+    spec = PairSpec(
+        key=run_id, items=inputs.items, user_codes=inputs.user_codes, item_codes=inputs.item_codes,
+        storage=cfg.storage, prompt=cfg.prompt, history_len=cfg.data.history_len, top_k=cfg.score.top_k,
+        popular=_popular_items(inputs, cfg) if mode == "candidates" else [],
+    )
+    partitions = cfg.score.partitions or None
+    pairs = log.union(wanted).repartition(partitions, keys=["user_id"], sort=True).map_batches(
+        build_pairs, batch_size=None, batch_format="pyarrow", fn_kwargs={"spec": spec})
+    gpus = cfg.score.gpus_per_actor or None
+    scored = pairs.map_batches(
+        Scorer,
+        fn_constructor_args=(ScorerSpec(cfg, adapter, model_version, run_id),),
+        batch_size=cfg.score.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.score.num_actors),
+        num_cpus=cfg.score.cpus_per_actor,
+        num_gpus=gpus,
+    )
+    run_dir = storage.run_uri(inputs.output, inputs.dt, run_id)
+    fs, run_path = storage.filesystem_for(run_dir, cfg.storage)
+    scored.write_parquet(run_path, filesystem=fs)
+
+    staged = [i.path for i in storage.list_files(run_dir, cfg.storage) if i.path.endswith(".parquet")]
+    fallback = (pads.dataset(staged, filesystem=fs, format="parquet").to_table(columns=["fallback"]).column("fallback")
+                if staged else None)
+    rows_out = len(fallback) if fallback is not None else 0
+    fallbacks = int(pc.sum(fallback).as_py() or 0) if fallback is not None else 0
+    seconds = time.perf_counter() - start
+    manifest = storage.publish_partition(inputs.output, inputs.dt, run_id, {
+        "mode": mode,
+        "inputs": {k: v for k, v in dataclasses.asdict(inputs).items() if k not in ("output", "dt")}
+        | {"model": cfg.llm.model, "adapter": adapter},
+        "checksums": checksums,
+        "model_version": model_version,
+        "config": redacted_config(cfg),
+        "code_version": code_version(),
+        "summary": {"rows_in": rows_in, "rows_out": rows_out, "fallbacks": fallbacks, "seconds": round(seconds, 3)},
+    }, cfg.storage)
+    if manifest["rows"] != rows_out:
+        raise storage.StorageError(f"run {run_id}: manifest lists {manifest['rows']} rows, the data has {rows_out}")
+    summary = ScoringSummary(run_id, inputs.dt, inputs.output, rows_in, rows_out, fallbacks, seconds,
+                             rows_out / seconds if seconds > 0 else 0.0, manifest)
+    logger.info(summary.line())
+    return summary

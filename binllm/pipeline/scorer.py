@@ -1,0 +1,80 @@
+"""The scoring actor: one LLM + LoRA adapter per actor, answer logits for batches of prompts."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from binllm import sources, storage
+from binllm.config import Config
+from binllm.llm import answer_token_id, load_adapter, load_causal_lm, score_prompts
+
+logger = logging.getLogger(__name__)
+
+SCORE_SCHEMA = pa.schema([
+    ("user_id", pa.string()),
+    ("item_id", pa.string()),
+    ("score", pa.float32()),
+    ("logit", pa.float32()),
+    ("fallback", pa.bool_()),
+    ("model_version", pa.string()),
+    ("run_id", pa.string()),
+])
+
+
+@dataclass
+class ScorerSpec:
+    cfg: Config
+    adapter: str
+    model_version: str
+    run_id: str
+
+
+def load_scoring_model(cfg: Config, adapter: str, device: str) -> tuple[torch.nn.Module, object]:
+    """Base LLM (local, s3:// or demo, copied once per node) with the LoRA adapter merged in."""
+    model, tokenizer = load_causal_lm(sources.model_folder(cfg.llm.model, cfg), dtype=cfg.llm.dtype, device=device)
+    model = load_adapter(model, storage.local_copy(adapter, storage_cfg=cfg.storage)).merge_and_unload()
+    model.eval()
+    return model, tokenizer
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+
+
+class Scorer:
+    """Ray Data callable class: (user_id, item_id, prefix, suffix, fallback) -> the scores schema."""
+
+    def __init__(self, spec: ScorerSpec):
+        cfg = spec.cfg
+        use_gpu = cfg.score.gpus_per_actor > 0 and torch.cuda.is_available()
+        if not use_gpu:
+            torch.set_num_threads(max(1, int(round(cfg.score.cpus_per_actor))))
+        self.spec = spec
+        self.model, self.tokenizer = load_scoring_model(cfg, spec.adapter, "cuda" if use_gpu else "cpu")
+        self.answer_id: int | None = None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        prefixes = batch.column("prefix").to_pylist()
+        suffixes = batch.column("suffix").to_pylist()
+        if self.answer_id is None and n:
+            self.answer_id = answer_token_id(self.tokenizer, prefixes[0] + suffixes[0], self.spec.cfg.llm.answer)
+        logits = (
+            score_prompts(self.model, self.tokenizer, prefixes, suffixes, answer_id=self.answer_id,
+                          shared_prefix=self.spec.cfg.score.shared_prefix,
+                          max_batch_tokens=self.spec.cfg.score.max_batch_tokens)
+            if n else np.zeros(0, np.float32)
+        )
+        return pa.Table.from_arrays([
+            batch.column("user_id"),
+            batch.column("item_id"),
+            pa.array(sigmoid(logits), pa.float32()),
+            pa.array(logits, pa.float32()),
+            batch.column("fallback"),
+            pa.array([self.spec.model_version] * n, pa.string()),
+            pa.array([self.spec.run_id] * n, pa.string()),
+        ], schema=SCORE_SCHEMA)
