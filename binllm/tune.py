@@ -1,0 +1,331 @@
+"""LoRA tuning of a causal LM to answer "Yes"/"No" on click prompts (BinLLM method, section 4).
+
+Two-step tuning trains LoRA on text-only prompts (stage 1), then continues the same LoRA on the full
+prompts with codes (stage 2); intuitive tuning runs stage 2 alone from fresh LoRA. Each stage is one
+`run_training` call: score = the answer token's logit at the last prompt position, loss = BCE with
+logits against the click label, AdamW on the LoRA parameters, warm-up then cosine decay, validation AUC
+with early stopping, best LoRA state kept. The same code runs in one process (LocalBackend) and in Ray
+Train workers under DeepSpeed (binllm.train.distributed.DeepSpeedBackend).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from binllm.config import Config, StageConfig
+from binllm.llm import answer_token_id, apply_lora, collate_prompts, encode_prompts, yes_logits
+from binllm.metrics import auc
+from binllm.prompts import build_prompts
+from binllm.train.backend import Backend, LocalBackend
+from binllm.train.loop import LoopSettings, run_training
+from binllm.train.schedule import warmup_cosine
+from binllm.train.stages import StageAware
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("user_id", "item_id", "label", "split", "history")
+BUCKET_MICRO_BATCHES = 16  # micro-batches per length-sorting window: less padding, still shuffled
+
+
+@dataclass
+class Stage:
+    name: str  # "stage1" or "stage2"
+    prompt_kind: str  # "text", "full" or "codes"
+    settings: StageConfig
+
+
+@dataclass
+class StageResult:
+    name: str
+    prompt_kind: str
+    best_auc: float
+    steps: int
+    epochs: int
+    stopped_early: bool
+    history: list[dict[str, float]]
+    train_rows: int
+    valid_rows: int
+    train_tokens: int  # real (non-padding) tokens this rank trained on
+    padded_tokens: int  # tokens including left padding
+    train_seconds: float  # wall time of the stage minus validation
+    resumed_from_step: int | None = None
+
+
+@dataclass
+class TuneResult:
+    """`model` carries the best adapter (for ZeRO-3 workers, whose parameters are sharded, write
+    `adapter_state` instead: see save_tuned_adapter). best_auc is the last stage's best validation AUC."""
+
+    model: torch.nn.Module
+    adapter_state: dict[str, torch.Tensor]
+    answer_id: int
+    best_auc: float
+    stages: list[StageResult] = field(default_factory=list)
+
+
+@dataclass
+class PromptSet:
+    token_ids: list[list[int]]
+    labels: np.ndarray  # float32 0/1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(t) for t in self.token_ids), dtype=np.int64, count=len(self.token_ids))
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+def tuning_stages(cfg: Config) -> list[Stage]:
+    full = Stage("stage2", cfg.prompt.kind, cfg.tune.stage2)
+    if cfg.tune.mode == "two_step":
+        return [Stage("stage1", "text", cfg.tune.stage1), full]
+    if cfg.tune.mode == "intuitive":
+        return [full]
+    raise ValueError(f"config key 'tune.mode': expected 'two_step' or 'intuitive', got {cfg.tune.mode!r}")
+
+
+def split_rows(examples: pa.Table, split: str, max_rows: int, seed: int) -> pa.Table:
+    """Rows of `split`; at most max_rows of them (0: all), a seeded random subset kept in input order."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in examples.column_names]
+    if missing:
+        raise ValueError(f"examples: missing column(s) {missing}; has {examples.column_names}")
+    rows = examples.filter(pc.equal(examples.column("split"), split))
+    if max_rows and rows.num_rows > max_rows:
+        keep = np.sort(np.random.default_rng(seed).choice(rows.num_rows, max_rows, replace=False))
+        rows = rows.take(pa.array(keep))
+    return rows
+
+
+def tokenize_rows(rows: pa.Table, items: pa.Table, user_codes: pa.Table | None, item_codes: pa.Table | None,
+                  cfg: Config, kind: str, tokenizer: PreTrainedTokenizerBase) -> tuple[PromptSet, str]:
+    """Canonical prompt tokens and labels of `rows`; also one prompt text (for the answer token)."""
+    batch = build_prompts(rows, items, user_codes, item_codes, cfg.prompt, kind=kind)
+    labels = rows.column("label").to_numpy(zero_copy_only=False).astype(np.float32)
+    if not np.isin(labels, (0.0, 1.0)).all():
+        raise ValueError("examples: column 'label' must hold 0/1 values")
+    return PromptSet(encode_prompts(tokenizer, batch.prefix, batch.suffix), labels), batch.prefix[0] + batch.suffix[0]
+
+
+def train_micro_batches(lengths: np.ndarray, backend: Backend, micro_batch_size: int, grad_accum: int,
+                        seed: int, epoch: int) -> list[np.ndarray]:
+    """This rank's micro-batches (row indices) for `epoch`: the same on every call with the same arguments.
+
+    All ranks shuffle the rows with the same seed and take their share (equal counts, so steps match);
+    windows of BUCKET_MICRO_BATCHES micro-batches are sorted by length, so a micro-batch holds prompts
+    of similar length (little padding), and the micro-batch order is shuffled again. The tail that does
+    not fill a whole accumulation group is dropped, so every optimizer step sees grad_accum micro-batches.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))[backend.shard_indices(len(lengths), even=True)]
+    window = micro_batch_size * BUCKET_MICRO_BATCHES
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i:i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size))
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches[: len(batches) // grad_accum * grad_accum]
+
+
+def stage_steps(n_rows: int, world_size: int, settings: StageConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps of the stage)."""
+    per_rank = -(-n_rows // world_size)
+    per_epoch = -(-per_rank // settings.micro_batch_size) // settings.grad_accum
+    if per_epoch == 0:
+        raise ValueError(
+            f"{per_rank} training rows per rank make no optimizer step with micro_batch_size="
+            f"{settings.micro_batch_size} and grad_accum={settings.grad_accum}; lower them or add rows")
+    total = per_epoch * settings.epochs
+    return per_epoch, min(total, settings.max_steps) if settings.max_steps else total
+
+
+class _StageTask:
+    """Batches, loss and validation of one stage, for run_training."""
+
+    def __init__(self, backend: Backend, train: PromptSet, valid: PromptSet, settings: StageConfig,
+                 answer_id: int, pad_id: int, seed: int):
+        self.backend, self.train, self.valid, self.settings = backend, train, valid, settings
+        self.answer_id, self.pad_id, self.seed = answer_id, pad_id, seed
+        self.train_lengths = train.lengths
+        self.train_tokens = self.padded_tokens = 0
+        self.eval_seconds = 0.0
+
+    def _tensors(self, prompts: PromptSet, rows: np.ndarray):
+        input_ids, mask = collate_prompts([prompts.token_ids[i] for i in rows.tolist()], self.pad_id)
+        labels = torch.from_numpy(prompts.labels[rows])
+        device = self.backend.device
+        return input_ids.to(device), mask.to(device), labels.to(device)
+
+    def batches(self, epoch: int):
+        for rows in train_micro_batches(self.train_lengths, self.backend, self.settings.micro_batch_size,
+                                        self.settings.grad_accum, self.seed, epoch):
+            yield rows
+
+    def loss(self, model: torch.nn.Module, rows: np.ndarray, epoch: int) -> torch.Tensor:
+        input_ids, mask, labels = self._tensors(self.train, rows)
+        self.train_tokens += int(mask.sum())
+        self.padded_tokens += mask.numel()
+        return F.binary_cross_entropy_with_logits(yes_logits(model, input_ids, mask, self.answer_id), labels)
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """AUC and mean BCE over all validation rows. Every rank scores the same number of batches
+        (ZeRO-3 forwards are collective), so shards wrap around and duplicates are dropped after the gather."""
+        started = time.perf_counter()
+        mine = self.backend.shard_indices(len(self.valid), even=True)
+        mine = mine[np.argsort(self.valid.lengths[mine], kind="stable")]
+        size = 2 * self.settings.micro_batch_size
+        scores = np.empty(len(mine), dtype=np.float32)
+        for start in range(0, len(mine), size):
+            input_ids, mask, _ = self._tensors(self.valid, mine[start:start + size])
+            scores[start:start + size] = yes_logits(model, input_ids, mask, self.answer_id).cpu().numpy()
+        gathered = self.backend.gather({"index": mine, "score": scores})
+        index, first = np.unique(gathered["index"], return_index=True)
+        scores, labels = gathered["score"][first], self.valid.labels[index]
+        loss = F.binary_cross_entropy_with_logits(torch.from_numpy(scores), torch.from_numpy(labels))
+        self.eval_seconds += time.perf_counter() - started
+        return {"auc": auc(labels, scores), "loss": float(loss)}
+
+
+def _backend_for(backend: Backend | None, stage: Stage, device: torch.device) -> Backend:
+    if backend is None:
+        return LocalBackend(device, grad_accum=stage.settings.grad_accum)
+    return backend
+
+
+def _run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet, valid: PromptSet,
+               answer_id: int, pad_id: int, seed: int) -> tuple[StageResult, dict[str, torch.Tensor]]:
+    settings = stage.settings
+    _, total_steps = stage_steps(len(train), backend.world_size, settings)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = warmup_cosine(optimizer, total_steps, settings.warmup_ratio)
+    prepared = backend.prepare(model, optimizer, scheduler)
+    task = _StageTask(backend, train, valid, settings, answer_id, pad_id, seed)
+    started = time.perf_counter()
+    result = run_training(
+        backend, prepared,
+        batches=task.batches,
+        loss_fn=task.loss,
+        evaluate=lambda: task.evaluate(prepared),
+        settings=LoopSettings(max_epochs=settings.epochs, patience=settings.patience,
+                              eval_every=settings.eval_every, max_steps=settings.max_steps),
+    )
+    seconds = time.perf_counter() - started - task.eval_seconds
+    backend.load_trainable_state(prepared, result.best_state)
+    summary = StageResult(
+        name=stage.name, prompt_kind=stage.prompt_kind, best_auc=float(result.best_auc), steps=result.steps,
+        epochs=result.epochs, stopped_early=result.stopped_early, history=result.history,
+        train_rows=len(train), valid_rows=len(valid), train_tokens=task.train_tokens,
+        padded_tokens=task.padded_tokens, train_seconds=seconds, resumed_from_step=result.resumed_from_step,
+    )
+    if backend.is_main:
+        log.info("%s (%s prompts): best validation AUC %.4f after %d steps; %d tokens in %.1f s",
+                 stage.name, stage.prompt_kind, summary.best_auc, summary.steps, summary.train_tokens, seconds)
+    return summary, result.best_state
+
+
+def tune_lora(
+    examples: pa.Table,
+    items: pa.Table,
+    user_codes: pa.Table | None,
+    item_codes: pa.Table | None,
+    cfg: Config,
+    *,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    backend: Backend | None = None,
+) -> TuneResult:
+    """Attach LoRA (cfg.tune.lora) to `model` and tune it on the train rows of `examples`, validating on
+    the valid rows; two-step or intuitive per cfg.tune.mode. Returns the model with its best adapter loaded.
+
+    backend: None runs here, on the model's device, with each stage's grad_accum. A given Backend runs
+    every stage (a LocalBackend keeps its own grad_accum; a StageAware backend, as in Ray Train workers,
+    takes each stage's batch settings and skips stages that a resumed run had already finished).
+    """
+    if isinstance(model, PeftModel):
+        raise TypeError("tune_lora expects the base causal LM; it attaches the LoRA adapter itself")
+    stages = tuning_stages(cfg)
+    seed = cfg.run.seed
+    lora = cfg.tune.lora
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    peft_model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has neither a pad token nor an EOS token to pad with")
+
+    results: list[StageResult] = []
+    answer_id: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    for stage in stages:
+        settings = stage.settings
+        train_rows = split_rows(examples, "train", settings.max_train_rows, seed)
+        valid_rows = split_rows(examples, "valid", settings.max_valid_rows, seed + 1)
+        if train_rows.num_rows == 0 or valid_rows.num_rows == 0:
+            raise ValueError(f"{stage.name}: examples have {train_rows.num_rows} train and {valid_rows.num_rows} "
+                             "valid rows; tuning needs both")
+        train, prompt = tokenize_rows(train_rows, items, user_codes, item_codes, cfg, stage.prompt_kind, tokenizer)
+        valid, _ = tokenize_rows(valid_rows, items, user_codes, item_codes, cfg, stage.prompt_kind, tokenizer)
+        if len(np.unique(valid.labels)) < 2:
+            raise ValueError(f"{stage.name}: the validation rows hold one label class only; AUC is undefined")
+        if answer_id is None:
+            answer_id = answer_token_id(tokenizer, prompt, cfg.llm.answer)
+
+        stage_backend = _backend_for(backend, stage, device)
+        finished = None
+        if isinstance(stage_backend, StageAware):
+            finished = stage_backend.begin_stage(stage.name, micro_batch_size=settings.micro_batch_size,
+                                                 grad_accum=settings.grad_accum)
+        if finished is not None:
+            summary, best_state = StageResult(**finished["result"]), finished["best_state"]
+            log.info("%s already finished in an earlier attempt (best AUC %.4f); skipping it", stage.name,
+                     summary.best_auc)
+            _load_lora(peft_model, best_state)
+        else:
+            summary, best_state = _run_stage(stage, stage_backend, peft_model, train, valid, answer_id, pad_id, seed)
+            if isinstance(stage_backend, StageAware):
+                stage_backend.end_stage(stage.name, {"result": dataclasses.asdict(summary), "best_state": best_state})
+        results.append(summary)
+
+    return TuneResult(model=peft_model, adapter_state=best_state, answer_id=answer_id,
+                      best_auc=results[-1].best_auc, stages=results)
+
+
+def _load_lora(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copies full LoRA tensors into an unprepared model whose parameters are not sharded."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(state) - set(params))
+    if missing:
+        raise KeyError(f"adapter state names parameters the model lacks: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].dtype))
+
+
+def save_tuned_adapter(result: TuneResult, folder: str | Path) -> Path:
+    """Writes the best adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors) from the
+    full adapter tensors, so that it is complete even when the model's parameters are ZeRO-3 shards."""
+    model = result.model
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"expected the PeftModel of a TuneResult, got {type(model).__name__}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: value.detach().to("cpu") for name, value in result.adapter_state.items()}
+    empty = [name for name, value in state.items() if value.numel() == 0]
+    if empty:
+        raise ValueError(f"adapter tensors {empty[:3]} are empty: they must be gathered before saving")
+    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    return folder

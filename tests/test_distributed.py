@@ -1,0 +1,140 @@
+"""Ray Train + DeepSpeed workers (2 CPU workers, gloo): ZeRO-3 LoRA tuning on S3 storage with a planted
+failure, resume and a re-run of the same run name, and 2-worker encoder pretraining against the
+single-process result."""
+import json
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+import numpy as np
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from binllm import sources, storage
+from binllm.codes import code_table
+from binllm.config import ConfigError, DistributedConfig, load_config
+from binllm.encoder import read_code_tables, train_encoder
+from binllm.train import ray_jobs
+from binllm.train.deepspeed_config import deepspeed_config, llm_precision
+from synthetic import make_planted_examples
+
+TINY_TUNE = [
+    "distributed.num_workers=2", "distributed.num_to_keep=10", "tune.lora.dropout=0.0",
+    "tune.stage1.max_steps=2", "tune.stage1.eval_every=1", "tune.stage2.max_steps=4", "tune.stage2.eval_every=2",
+    "tune.stage1.max_valid_rows=24", "tune.stage2.max_valid_rows=24", "tune.stage2.patience=5",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("binllm_cache")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"BINLLM_CACHE": str(cache), "GLOO_SOCKET_IFNAME": "lo"}})
+    yield
+    ray.shutdown()
+
+
+def write_run_inputs(cfg, llm_dir=None, n_rows=600):
+    examples, items = make_planted_examples(40, 30, n_rows, seed=0, history_len=3)
+    sources.write_examples(cfg, examples, items)
+    rng = np.random.default_rng(0)
+    codes = sources.codes_uri(cfg)
+    storage.write_table(code_table([f"u{k}" for k in range(40)], rng.integers(0, 256, (40, 4), dtype=np.uint8)),
+                        f"{codes}/users.parquet", cfg.storage)
+    storage.write_table(code_table([f"i{k}" for k in range(30)], rng.integers(0, 256, (30, 4), dtype=np.uint8)),
+                        f"{codes}/items.parquet", cfg.storage)
+    if llm_dir is not None:
+        storage.upload_dir(llm_dir, cfg.llm.model, cfg.storage)
+    return examples
+
+
+def s3_settings(endpoint):
+    return [f"storage.endpoint_url={endpoint}", "storage.access_key_id=testing",
+            "storage.secret_access_key=testing", "storage.region=us-east-1"]
+
+
+def test_zero3_tuning_on_s3_resumes_after_a_planted_failure(s3_bucket, s3_server, tiny_llm_dir, tmp_path):
+    cfg = load_config(None, [
+        *TINY_TUNE, *s3_settings(s3_server), f"run.output_root={s3_bucket}/runs", "run.name=zero3",
+        f"llm.model={s3_bucket}/models/tiny", "distributed.zero_stage=3", "distributed.fail_at_step=3",
+    ])
+    write_run_inputs(cfg, tiny_llm_dir)
+
+    result = ray_jobs.tune(cfg)
+
+    adapter = sources.adapter_uri(cfg)
+    local_adapter = storage.download_dir(adapter, tmp_path / "adapter", cfg.storage)
+    summary = json.loads((local_adapter / ray_jobs.TUNE_SUMMARY_FILE).read_text())
+    stage1, stage2 = summary["stages"]
+    # Rank 0 failed at stage 2's third step; the restarted workers skipped the finished stage 1 and
+    # resumed stage 2 from its step-2 checkpoint.
+    assert (stage1["name"], stage1["steps"], stage1["resumed_from_step"]) == ("stage1", 2, None)
+    assert (stage2["name"], stage2["steps"], stage2["resumed_from_step"]) == ("stage2", 4, 2)
+    assert [h["step"] for h in stage2["history"]] == [2, 4]
+
+    weights = load_file(local_adapter / "adapter_model.safetensors")
+    assert weights and all(w.numel() > 0 for w in weights.values())
+    assert any(w.abs().sum() > 0 for name, w in weights.items() if "lora_B" in name)
+
+    # The exported adapter equals the consolidated ZeRO-3 weights of the best stage-2 checkpoint.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    validations = [(m["auc"], m["step"], c) for c, m in result.best_checkpoints
+                   if m.get("stage") == "stage2" and "loss" in m]
+    best_auc = max(auc for auc, _, _ in validations)
+    best = min((step, c) for auc, step, c in validations if auc == best_auc)[1]
+    with best.as_directory() as folder:
+        consolidated = get_fp32_state_dict_from_zero_checkpoint(f"{folder}/deepspeed", tag="state",
+                                                                exclude_frozen_parameters=True)
+    consolidated = {k.replace(".default", ""): v for k, v in consolidated.items() if "lora_" in k}
+    assert consolidated.keys() == weights.keys()
+    for name, value in weights.items():
+        torch.testing.assert_close(value, consolidated[name].float(), rtol=0, atol=0)
+
+    # The same run name again continues the finished run: both stages are skipped, the adapter re-exported.
+    storage.delete_dir(adapter, cfg.storage)
+    ray_jobs.tune(cfg)
+    again = storage.download_dir(adapter, tmp_path / "again", cfg.storage)
+    assert json.loads((again / ray_jobs.TUNE_SUMMARY_FILE).read_text())["stages"] == summary["stages"]
+    for name, value in load_file(again / "adapter_model.safetensors").items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+
+
+def test_two_worker_encoder_matches_single_process(tmp_path):
+    cfg = load_config(None, [
+        f"run.output_root={tmp_path}/runs", "run.name=encoder", "distributed.num_workers=2",
+        "encoder.max_epochs=12", "encoder.batch_size=256", "encoder.anneal_epochs=2",
+    ])
+    examples = write_run_inputs(cfg, n_rows=3000)
+    single = train_encoder(examples, cfg.encoder, kind="binary", seed=cfg.run.seed)
+
+    ray_jobs.pretrain_encoder(cfg)
+
+    users, items = read_code_tables(sources.codes_uri(cfg))
+    assert users.num_rows == len(single.user_ids) and items.num_rows == len(single.item_ids)
+    from binllm.encoder import load_encoder
+
+    distributed = load_encoder(storage.join_uri(cfg.run_dir(), "encoder"))
+    # Seeds alone move this AUC by about +-0.01; DeepSpeed with one rank takes exactly the local steps.
+    assert distributed.best_auc == pytest.approx(single.best_auc, abs=0.03), (distributed.best_auc, single.best_auc)
+    assert distributed.best_auc > 0.75
+
+
+def test_deepspeed_config_follows_the_distributed_section():
+    zero3 = deepspeed_config(DistributedConfig(zero_stage=3, offload_optimizer=True, offload_params=True),
+                             micro_batch_size=4, grad_accum=2, world_size=2, precision="bf16")
+    assert zero3["train_batch_size"] == 16 and zero3["bf16"] == {"enabled": True}
+    assert zero3["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert zero3["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "optimizer" not in zero3  # the torch optimizer is passed in: nothing is JIT-compiled
+    zero2 = deepspeed_config(DistributedConfig(), micro_batch_size=8, grad_accum=1, world_size=1, precision="fp32")
+    assert zero2["zero_optimization"] == {"stage": 2, "contiguous_gradients": True, "overlap_comm": False}
+    assert zero2["bf16"] == {"enabled": False} and zero2["gradient_clipping"] == 0.0
+    with pytest.raises(ConfigError, match="offload_params"):
+        deepspeed_config(DistributedConfig(zero_stage=2, offload_params=True), micro_batch_size=1, grad_accum=1,
+                         world_size=1, precision="fp32")
+    assert llm_precision("auto", use_gpu=True) == "bf16" and llm_precision("auto", use_gpu=False) == "fp32"

@@ -1,0 +1,130 @@
+"""LoRA tuning in one process: learning, the two-step hand-over, and the saved adapter."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+from peft import PeftModel
+
+from binllm.codes import code_table
+from binllm.config import load_config
+from binllm.llm import load_causal_lm, score_prompts
+from binllm.prompts import build_prompts
+from binllm.train.backend import LocalBackend
+from binllm.tune import save_tuned_adapter, split_rows, train_micro_batches, tune_lora
+from synthetic import make_planted_examples
+
+TUNE_SETTINGS = [
+    "tune.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+    *(f"tune.{stage}.{key}" for stage in ("stage1", "stage2") for key in (
+        "lr=0.01", "micro_batch_size=16", "max_train_rows=320", "max_valid_rows=64", "eval_every=10", "epochs=1")),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine a 2-thread team
+    waiting for a descheduled thread made these tests 40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Planted signal the tiny LLM can learn quickly: the label is whether the target title says "Space"."""
+    examples, items = make_planted_examples(40, 30, 1000, seed=0, history_len=3)
+    space = np.array(["Space" in title for title in items.column("title").to_pylist()])
+    row_item = pc.index_in(examples.column("item_id"), items.column("item_id")).to_numpy()
+    labels = pa.array(space[row_item].astype(np.int8))
+    examples = examples.set_column(examples.schema.get_field_index("label"), "label", labels)
+    rng = np.random.default_rng(0)
+    user_codes = code_table([f"u{k}" for k in range(40)], rng.integers(0, 256, (40, 4), dtype=np.uint8))
+    item_codes = code_table([f"i{k}" for k in range(30)], rng.integers(0, 256, (30, 4), dtype=np.uint8))
+    return examples, items, user_codes, item_codes
+
+
+def _tune(planted, llm_dir, *overrides):
+    examples, items, user_codes, item_codes = planted
+    cfg = load_config(None, [*TUNE_SETTINGS, *overrides])
+    model, tokenizer = load_causal_lm(llm_dir)
+    return tune_lora(examples, items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer), cfg, tokenizer
+
+
+def _valid_prompts(planted, cfg):
+    examples, items, user_codes, item_codes = planted
+    rows = split_rows(examples, "valid", 0, 0)
+    return build_prompts(rows, items, user_codes, item_codes, cfg.prompt, kind="full"), rows
+
+
+def test_intuitive_tuning_learns_the_planted_signal(planted, tiny_llm_dir):
+    result, _, _ = _tune(planted, tiny_llm_dir, "tune.mode=intuitive", "tune.stage2.epochs=3",
+                         "tune.stage2.eval_every=20")
+    (stage,) = result.stages
+    assert stage.name == "stage2" and stage.prompt_kind == "full"
+    assert stage.steps == 60 and [h["step"] for h in stage.history] == [20, 40, 60]
+    assert stage.history[-1]["loss"] < stage.history[0]["loss"] / 2
+    assert result.best_auc > 0.9
+    assert 0 < stage.train_tokens <= stage.padded_tokens
+    assert all(name in dict(result.model.named_parameters()) for name in result.adapter_state)
+    assert any("lora_B" in name and value.abs().sum() > 0 for name, value in result.adapter_state.items())
+
+
+def test_two_step_runs_both_stages_and_stage2_continues_stage1_lora(planted, tiny_llm_dir):
+    # Stage 2 with lr=0 leaves the adapter as stage 1 left it; stage 1 alone is the intuitive run on text prompts.
+    stage1 = ["tune.stage1.max_steps=10", "tune.stage2.max_steps=10"]
+    two_step, _, _ = _tune(planted, tiny_llm_dir, "tune.mode=two_step", "tune.stage2.lr=0.0", *stage1)
+    text_only, _, _ = _tune(planted, tiny_llm_dir, "tune.mode=intuitive", "prompt.kind=text", *stage1)
+    assert [(s.name, s.prompt_kind) for s in two_step.stages] == [("stage1", "text"), ("stage2", "full")]
+    assert all(s.steps > 0 for s in two_step.stages)
+    assert two_step.stages[0].best_auc == pytest.approx(text_only.best_auc)
+    assert two_step.adapter_state.keys() == text_only.adapter_state.keys()
+    for name, value in text_only.adapter_state.items():
+        torch.testing.assert_close(two_step.adapter_state[name], value)
+
+
+def test_saved_adapter_loads_with_peft_and_scores_identically(planted, tiny_llm_dir, tmp_path):
+    result, cfg, tokenizer = _tune(planted, tiny_llm_dir, "tune.mode=intuitive", "tune.stage2.max_steps=5")
+    folder = save_tuned_adapter(result, tmp_path / "adapter")
+    assert (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_config.json").is_file()
+
+    base, _ = load_causal_lm(tiny_llm_dir)
+    loaded = PeftModel.from_pretrained(base, folder).eval()
+    prompts, rows = _valid_prompts(planted, cfg)
+    kwargs = dict(answer_id=result.answer_id, shared_prefix=False)
+    tuned_scores = score_prompts(result.model.eval(), tokenizer, prompts.prefix, prompts.suffix, **kwargs)
+    loaded_scores = score_prompts(loaded, tokenizer, prompts.prefix, prompts.suffix, **kwargs)
+    np.testing.assert_allclose(loaded_scores, tuned_scores, rtol=1e-5, atol=1e-5)
+    base_only, _ = load_causal_lm(tiny_llm_dir)
+    untuned = score_prompts(base_only, tokenizer, prompts.prefix, prompts.suffix, **kwargs)
+    assert not np.allclose(untuned, tuned_scores, atol=1e-4)
+
+
+def test_micro_batches_are_deterministic_length_sorted_and_whole_accumulation_groups():
+    lengths = np.random.default_rng(1).integers(10, 200, 203)
+    backend = LocalBackend()
+    first = train_micro_batches(lengths, backend, 8, 3, seed=4, epoch=2)
+    again = train_micro_batches(lengths, backend, 8, 3, seed=4, epoch=2)
+    other_epoch = train_micro_batches(lengths, backend, 8, 3, seed=4, epoch=3)
+    assert [b.tolist() for b in first] == [b.tolist() for b in again]
+    assert [b.tolist() for b in first] != [b.tolist() for b in other_epoch]
+    assert len(first) % 3 == 0 and len(first) == 24  # 26 micro-batches, tail of 2 dropped
+    rows = np.concatenate(first)
+    assert len(np.unique(rows)) == len(rows)
+    padding = sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in first)
+    sizes = np.cumsum([len(b) for b in first])[:-1]
+    shuffled = np.split(np.random.default_rng(0).permutation(203)[: len(rows)], sizes)
+    unsorted = sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in shuffled)
+    assert padding < unsorted / 4
+
+
+def test_tuning_without_validation_rows_names_the_problem(planted, tiny_llm_dir):
+    examples, items, user_codes, item_codes = planted
+    train_only = examples.filter(pc.equal(examples.column("split"), "train"))
+    model, tokenizer = load_causal_lm(tiny_llm_dir)
+    with pytest.raises(ValueError, match="valid rows"):
+        tune_lora(train_only, items, user_codes, item_codes, load_config(None, TUNE_SETTINGS),
+                  model=model, tokenizer=tokenizer)
