@@ -1,5 +1,6 @@
-"""Where a job's inputs come from: the configured interaction source, prepared examples, code tables
-and model folders (local, s3:// or the demo assets fetched from PyPI packages)."""
+"""A run's layout: where jobs read their inputs (the configured interaction source, prepared examples,
+code tables, model folders: local, s3:// or the demo assets fetched from PyPI packages) and write
+what the next job reads."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,6 +66,21 @@ def read_code_tables(cfg: Config) -> tuple[pa.Table, pa.Table]:
     uri = codes_uri(cfg)
     return (storage.read_table(storage.join_uri(uri, "users.parquet"), cfg.storage, what="user code table"),
             storage.read_table(storage.join_uri(uri, "items.parquet"), cfg.storage, what="item code table"))
+
+
+def encoder_uri(cfg: Config) -> str:
+    return storage.join_uri(cfg.run_dir(), "encoder")
+
+
+def write_encoder_outputs(cfg: Config, result) -> None:
+    """The code tables (<codes>/users.parquet, items.parquet) and the encoder itself (<run dir>/encoder)."""
+    from binllm.encoder import export_codes, save_encoder, write_code_tables
+
+    users, items = export_codes(result)
+    fs, codes_path = storage.filesystem_for(codes_uri(cfg), cfg.storage)
+    write_code_tables(users, items, codes_path, filesystem=fs)
+    fs, encoder_path = storage.filesystem_for(encoder_uri(cfg), cfg.storage)
+    save_encoder(result, encoder_path, filesystem=fs)
 
 
 def model_folder(location: str, cfg: Config) -> Path:

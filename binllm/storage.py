@@ -249,19 +249,27 @@ def _listing(uri: str, storage_cfg: Any) -> tuple[pafs.FileSystem, str, list[tup
     return fs, root, sorted(entries)
 
 
-def upload_dir(local_dir: str | os.PathLike, uri: str, storage_cfg: Any = None) -> int:
-    """Copies every file of a local folder to `uri` (local or s3://); returns the number of files."""
+def upload_dir(local_dir: str | os.PathLike, uri: str, storage_cfg: Any = None, last: tuple[str, ...] = ()) -> int:
+    """Copies every file of a local folder to `uri` (local or s3://); returns the number of files.
+
+    Files named in `last` (relative paths) are removed from the destination first and copied after all
+    others: when they are what makes a folder usable (a PEFT adapter's adapter_config.json, say), a
+    reader never loads a half-copied or half-replaced folder.
+    """
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
         raise StorageError(f"folder not found: {local_dir}")
     fs, root = filesystem_for(uri, storage_cfg)
-    count = 0
-    for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+    for name in last:
+        if fs.get_file_info(f"{root}/{name}").type == pafs.FileType.File:
+            fs.delete_file(f"{root}/{name}")
+    files = sorted((p for p in local_dir.rglob("*") if p.is_file()),
+                   key=lambda p: (p.relative_to(local_dir).as_posix() in last, p.as_posix()))
+    for file in files:
         dest = f"{root}/{file.relative_to(local_dir).as_posix()}"
         fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
         pafs.copy_files(str(file), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-        count += 1
-    return count
+    return len(files)
 
 
 def download_dir(uri: str, local_dir: str | os.PathLike, storage_cfg: Any = None) -> Path:

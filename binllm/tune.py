@@ -10,11 +10,13 @@ Train workers under DeepSpeed (binllm.train.distributed.DeepSpeedBackend).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from binllm import storage
 from binllm.config import Config, StageConfig
 from binllm.llm import answer_token_id, apply_lora, collate_prompts, encode_prompts, yes_logits
 from binllm.metrics import auc
@@ -329,3 +332,17 @@ def save_tuned_adapter(result: TuneResult, folder: str | Path) -> Path:
         raise ValueError(f"adapter tensors {empty[:3]} are empty: they must be gathered before saving")
     model.save_pretrained(folder, state_dict=state, safe_serialization=True)
     return folder
+
+
+TUNE_SUMMARY_FILE = "tune_result.json"
+
+
+def publish_adapter(result: TuneResult, uri: str, cfg: Config) -> None:
+    """Writes the adapter folder (+ a tuning summary) to `uri`, local or s3://; adapter_config.json goes
+    last, so a reader never loads a partly written or partly replaced adapter."""
+    summary = {"best_auc": result.best_auc, "answer_id": result.answer_id, "base_model": cfg.llm.model,
+               "stages": [dataclasses.asdict(s) for s in result.stages]}
+    with tempfile.TemporaryDirectory() as local:
+        save_tuned_adapter(result, local)
+        Path(local, TUNE_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        storage.upload_dir(local, uri, cfg.storage, last=("adapter_config.json",))

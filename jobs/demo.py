@@ -9,7 +9,6 @@ examples/, codes/, encoder/, adapter/, eval/test_scores.parquet and eval/metrics
 """
 from __future__ import annotations
 
-import tempfile
 import logging
 import time
 
@@ -20,11 +19,11 @@ import pyarrow.compute as pc
 from binllm import storage
 from binllm.cli import run_job
 from binllm.config import Config
-from binllm.encoder import export_codes, save_encoder, score_pairs, train_encoder, write_code_tables
-from binllm.llm import answer_token_id, load_causal_lm, save_adapter, score_prompts
+from binllm.encoder import export_codes, score_pairs, train_encoder
+from binllm.llm import answer_token_id, load_causal_lm, score_prompts
 from binllm.prompts import build_prompts
-from binllm.sources import adapter_uri, codes_uri, model_folder
-from binllm.tune import tune_lora
+from binllm.sources import adapter_uri, model_folder, write_encoder_outputs
+from binllm.tune import publish_adapter, tune_lora
 from jobs import evaluate, prepare
 
 log = logging.getLogger("jobs.demo")
@@ -54,15 +53,6 @@ def long_scores(rows: pa.Table, method: str, logits: np.ndarray) -> pa.Table:
     })
 
 
-def save_adapter_to(model, uri: str, cfg: Config) -> None:
-    if not storage.is_s3(uri):
-        save_adapter(model, storage.filesystem_for(uri)[1])
-        return
-    with tempfile.TemporaryDirectory() as local:
-        save_adapter(model, local)
-        storage.upload_dir(local, uri, cfg.storage)
-
-
 class Stopwatch:
     def __init__(self):
         self.start = time.perf_counter()
@@ -84,11 +74,8 @@ def run(cfg: Config) -> pa.Table:
 
     binmf = train_encoder(examples, cfg.encoder, kind="binary", seed=cfg.run.seed)
     mf = train_encoder(examples, cfg.encoder, kind="mf", seed=cfg.run.seed)
+    write_encoder_outputs(cfg, binmf)
     user_codes, item_codes = export_codes(binmf)
-    fs, codes_path = storage.filesystem_for(codes_uri(cfg), cfg.storage)
-    write_code_tables(user_codes, item_codes, codes_path, filesystem=fs)
-    fs, encoder_path = storage.filesystem_for(storage.join_uri(cfg.run_dir(), "encoder"), cfg.storage)
-    save_encoder(binmf, encoder_path, filesystem=fs)
     log.info("encoder: BinMF valid AUC %.4f (%d epochs), MF valid AUC %.4f (%d epochs)",
              binmf.best_auc, binmf.epochs, mf.best_auc, mf.epochs)
     clock.step("encoder pretraining")
@@ -97,7 +84,7 @@ def run(cfg: Config) -> pa.Table:
     model, tokenizer = load_causal_lm(folder, dtype=cfg.llm.dtype)
     clock.step("model load")
     tuned = tune_lora(examples, items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer)
-    save_adapter_to(tuned.model, adapter_uri(cfg), cfg)
+    publish_adapter(tuned, adapter_uri(cfg), cfg)
     clock.step(f"LoRA tuning ({cfg.tune.mode})")
 
     test = sample_rows(examples.filter(pc.equal(examples.column("split"), "test")), cfg.demo.max_test_rows,

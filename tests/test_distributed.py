@@ -20,6 +20,7 @@ from binllm.config import ConfigError, DistributedConfig, load_config
 from binllm.encoder import read_code_tables, train_encoder
 from binllm.train import ray_jobs
 from binllm.train.deepspeed_config import deepspeed_config, llm_precision
+from binllm.tune import TUNE_SUMMARY_FILE
 from synthetic import make_planted_examples
 
 TINY_TUNE = [
@@ -68,7 +69,7 @@ def test_zero3_tuning_on_s3_resumes_after_a_planted_failure(s3_bucket, s3_server
 
     adapter = sources.adapter_uri(cfg)
     local_adapter = storage.download_dir(adapter, tmp_path / "adapter", cfg.storage)
-    summary = json.loads((local_adapter / ray_jobs.TUNE_SUMMARY_FILE).read_text())
+    summary = json.loads((local_adapter / TUNE_SUMMARY_FILE).read_text())
     stage1, stage2 = summary["stages"]
     # Rank 0 failed at stage 2's third step; the restarted workers skipped the finished stage 1 and
     # resumed stage 2 from its step-2 checkpoint.
@@ -99,7 +100,7 @@ def test_zero3_tuning_on_s3_resumes_after_a_planted_failure(s3_bucket, s3_server
     storage.delete_dir(adapter, cfg.storage)
     ray_jobs.tune(cfg)
     again = storage.download_dir(adapter, tmp_path / "again", cfg.storage)
-    assert json.loads((again / ray_jobs.TUNE_SUMMARY_FILE).read_text())["stages"] == summary["stages"]
+    assert json.loads((again / TUNE_SUMMARY_FILE).read_text())["stages"] == summary["stages"]
     for name, value in load_file(again / "adapter_model.safetensors").items():
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
 

@@ -23,7 +23,7 @@ from binllm import sources, storage
 from binllm.codes import code_table
 from binllm.config import load_config
 from binllm.llm import load_causal_lm
-from binllm.train.ray_jobs import TUNE_SUMMARY_FILE
+from binllm.tune import TUNE_SUMMARY_FILE
 from synthetic import make_planted_examples
 
 REPO = Path(__file__).resolve().parents[1]

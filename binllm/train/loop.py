@@ -54,7 +54,8 @@ def run_training(
     batches(epoch) yields this rank's micro-batches; loss_fn(model, batch, epoch) returns the loss;
     evaluate() returns metrics with "auc" over all ranks' rows.
     """
-    state = {"step": 0, "epoch": 0, "batch": 0, "best_auc": -math.inf, "bad_evals": 0, "history": [], "best_state": None}
+    state = {"step": 0, "epoch": 0, "batch": 0, "best_auc": -math.inf, "bad_evals": 0, "history": [], "best_state": None,
+             "stopped": False}
     restored = backend.load_checkpoint()
     resumed_from = None
     if restored is not None:
@@ -62,8 +63,8 @@ def run_training(
         resumed_from = state["step"]
         log.info("resumed from checkpoint at step %d (epoch %d)", state["step"], state["epoch"])
 
-    def validate() -> bool:
-        """Returns True when training should stop."""
+    def validate(at_cap: bool = False) -> bool:
+        """Returns True when training should stop; the checkpoint records it, so a resumed run stops too."""
         model.eval()
         with torch.no_grad():
             metrics = evaluate()
@@ -78,8 +79,9 @@ def run_training(
         if backend.is_main:
             log.info("step %d: validation %s (best auc %.4f)", state["step"],
                      " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), state["best_auc"])
+        state["stopped"] = at_cap or state["bad_evals"] >= settings.patience
         backend.save_checkpoint(dict(state), {"step": state["step"], **metrics, "best_auc": state["best_auc"]})
-        return state["bad_evals"] >= settings.patience
+        return state["stopped"]
 
     progress = {"last": time.monotonic(), "loss": None, "count": 0}
 
@@ -93,7 +95,7 @@ def run_training(
                      progress["loss"].item() / progress["count"], progress["count"])
             progress.update(last=now, loss=None, count=0)
 
-    stopped = False
+    stopped = state["stopped"]
     model.train()
     while state["epoch"] < settings.max_epochs and not stopped:
         epoch = state["epoch"]
@@ -112,7 +114,7 @@ def run_training(
             at_cap = settings.max_steps and state["step"] >= settings.max_steps
             if (settings.eval_every and state["step"] % settings.eval_every == 0) or at_cap:
                 evaluated_at = state["step"]
-                if validate() or at_cap:
+                if validate(at_cap=bool(at_cap)):
                     stopped = True
                     break
         if stopped:

@@ -8,10 +8,7 @@ run, it re-exports the finished result); a new run name starts fresh.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import tempfile
 from typing import Any, Callable
 
 from binllm import sources, storage
@@ -20,7 +17,6 @@ from binllm.config import Config
 log = logging.getLogger(__name__)
 
 ENCODER_ZERO_STAGE_CAP = 2  # the encoder's validation forwards differ per rank; ZeRO-3 forwards are collective
-TUNE_SUMMARY_FILE = "tune_result.json"  # beside the adapter: stage histories and AUCs
 
 
 def ray_storage(cfg: Config) -> tuple[str, Any]:
@@ -57,7 +53,7 @@ def build_trainer(worker: Callable[[dict], None], cfg: Config, **loop_config: An
 
 
 def encoder_worker(config: dict) -> None:
-    from binllm.encoder import export_codes, save_encoder, train_encoder, write_code_tables
+    from binllm.encoder import train_encoder
     from binllm.train.distributed import DeepSpeedBackend
 
     cfg: Config = config["cfg"]
@@ -68,11 +64,7 @@ def encoder_worker(config: dict) -> None:
                                zero_stage=min(cfg.distributed.zero_stage, ENCODER_ZERO_STAGE_CAP))
     result = train_encoder(examples, cfg.encoder, kind="binary", backend=backend, seed=cfg.run.seed)
     if backend.is_main:
-        users, items = export_codes(result)
-        fs, codes_path = storage.filesystem_for(sources.codes_uri(cfg), cfg.storage)
-        write_code_tables(users, items, codes_path, filesystem=fs)
-        fs, encoder_path = storage.filesystem_for(storage.join_uri(cfg.run_dir(), "encoder"), cfg.storage)
-        save_encoder(result, encoder_path, filesystem=fs)
+        sources.write_encoder_outputs(cfg, result)
         log.info("encoder: best validation AUC %.4f after %d steps; codes at %s", result.best_auc, result.steps,
                  sources.codes_uri(cfg))
 
@@ -81,7 +73,7 @@ def tune_worker(config: dict) -> None:
     from binllm.llm import load_causal_lm
     from binllm.train.deepspeed_config import llm_precision
     from binllm.train.distributed import DeepSpeedBackend
-    from binllm.tune import save_tuned_adapter, tune_lora
+    from binllm.tune import publish_adapter, tune_lora
 
     cfg: Config = config["cfg"]
     examples, items = sources.read_examples(cfg)
@@ -95,13 +87,7 @@ def tune_worker(config: dict) -> None:
     result = tune_lora(examples, items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer,
                        backend=backend)
     if backend.is_main:
-        with tempfile.TemporaryDirectory() as local:
-            save_tuned_adapter(result, local)
-            summary = {"best_auc": result.best_auc, "answer_id": result.answer_id, "base_model": cfg.llm.model,
-                       "stages": [dataclasses.asdict(s) for s in result.stages]}
-            with open(f"{local}/{TUNE_SUMMARY_FILE}", "w") as handle:
-                json.dump(summary, handle, indent=2)
-            storage.upload_dir(local, sources.adapter_uri(cfg), cfg.storage)
+        publish_adapter(result, sources.adapter_uri(cfg), cfg)
         log.info("tuning: best validation AUC %.4f; adapter at %s", result.best_auc, sources.adapter_uri(cfg))
 
 
