@@ -166,7 +166,7 @@ class ScoreConfig:
     interactions: str = ""  # log for histories (user_id, item_id, timestamp, label or rating); empty: prepared examples
     items: str = ""  # item catalog (item_id, title); empty means the prepared examples' items.parquet
     history_before: int = 0  # unix seconds; later interactions are ignored; 0 means 00:00 UTC of dt
-    partitions: int = 0  # hash partitions of the per-user join; 0 means Ray Data's default
+    partitions: int = 0  # hash partitions of the per-user join; 0: about 4096 pairs each, at least num_actors
     top_k: int = 20
     output: str = ""  # empty means <run dir>/scores
     dt: str = ""  # partition date YYYY-MM-DD; empty means today (UTC)
@@ -184,6 +184,7 @@ class DemoConfig:
     max_train_rows: int = 256
     max_valid_rows: int = 128
     max_test_rows: int = 400
+    score_users: int = 8  # active users for the closing nightly-scoring run (top score.top_k candidates each)
 
 
 @dataclass

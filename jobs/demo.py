@@ -24,7 +24,7 @@ from binllm.llm import answer_token_id, load_causal_lm, score_prompts
 from binllm.prompts import build_prompts
 from binllm.sources import adapter_uri, model_folder, write_encoder_outputs
 from binllm.tune import publish_adapter, tune_lora
-from jobs import evaluate, prepare
+from jobs import evaluate, prepare, score
 
 log = logging.getLogger("jobs.demo")
 
@@ -51,6 +51,17 @@ def long_scores(rows: pa.Table, method: str, logits: np.ndarray) -> pa.Table:
         "logit": pa.array(np.asarray(logits, dtype=np.float32)),
         "score": pa.array((1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))).astype(np.float32)),
     })
+
+
+def nightly_scoring(cfg: Config, test: pa.Table, user_codes: pa.Table):
+    """jobs.score on the demo's artifacts: top-K candidates by Hamming distance for a few test users,
+    scored by the tuned model in a Ray Data actor pool, published under <run dir>/scores/dt=.../."""
+    coded = pc.is_in(test.column("user_id"), value_set=user_codes.column("id"))
+    users = pc.unique(test.filter(coded).column("user_id"))[: cfg.demo.score_users]
+    users_uri = storage.join_uri(cfg.run_dir(), "demo_active_users.parquet")
+    storage.write_table(pa.table({"user_id": users}), users_uri, cfg.storage)
+    cfg.score.users, cfg.score.requests = users_uri, ""
+    return score.run(cfg)
 
 
 class Stopwatch:
@@ -104,11 +115,15 @@ def run(cfg: Config) -> pa.Table:
     clock.step(f"test scoring ({test.num_rows} rows, {int(prompts.fallback.sum())} text-only fallbacks)")
 
     table, text = evaluate.write_report(cfg, scores)
+    nightly = nightly_scoring(cfg, test, user_codes) if cfg.demo.score_users > 0 else None
+    clock.step("nightly scoring (Ray Data)" if nightly else "no nightly scoring (demo.score_users = 0)")
     print()
     print(f"BinLLM demo, run {cfg.run.name}: {test.num_rows} test rows "
           f"({int(pc.sum(test.column('warm')).as_py())} warm), total {time.perf_counter() - clock.start:.0f}s")
     print(text)
-    print(f"\noutputs: {cfg.run_dir()}/  (eval/metrics.md, eval/test_scores.parquet, codes/, adapter/)")
+    if nightly is not None:
+        print(f"\nnightly scoring: {nightly.line()}")
+    print(f"\noutputs: {cfg.run_dir()}/  (eval/metrics.md, eval/test_scores.parquet, codes/, adapter/, scores/)")
     return table
 
 

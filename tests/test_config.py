@@ -38,3 +38,22 @@ def test_unknown_top_level_key_in_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_ray_config_yaml_documents_every_key():
+    import dataclasses
+
+    import yaml
+
+    from binllm.config import Config
+
+    def keys(node, prefix=""):
+        out = set()
+        for name, value in node.items():
+            key = f"{prefix}{name}"
+            out |= keys(value, f"{key}.") if isinstance(value, dict) else {key}
+        return out
+
+    with open("ray_config.yaml") as handle:
+        documented = keys(yaml.safe_load(handle))
+    assert documented == keys(dataclasses.asdict(Config()))

@@ -21,7 +21,8 @@ def demo_run(tmp_path_factory, tiny_llm_dir):
         "data.format=table", f"data.interactions={root / 'interactions.parquet'}", f"data.items={root / 'items.parquet'}",
         "data.columns.rating=", "data.columns.label=label",
         f"llm.model={tiny_llm_dir}",
-        "demo.max_train_rows=64", "demo.max_valid_rows=32", "demo.max_test_rows=50",
+        "demo.max_train_rows=64", "demo.max_valid_rows=32", "demo.max_test_rows=50", "demo.score_users=3",
+        "score.top_k=4",
         "tune.stage1.micro_batch_size=16", "tune.stage2.micro_batch_size=16",
     ])
     table = demo.run(cfg)
@@ -52,3 +53,18 @@ def test_binmf_learns_the_planted_structure(demo_run):
     assert by_method["BinMF"]["all_auc"] > 0.75
     assert by_method["MF"]["all_auc"] > 0.75
     assert not math.isnan(by_method["BinLLM"]["all_auc"])
+
+
+def test_demo_ends_with_a_published_nightly_scoring_run(demo_run):
+    from binllm import storage
+
+    cfg, _ = demo_run
+    root = f"{cfg.run_dir()}/scores"
+    (dt,) = storage.published_dates(root)
+    scores = storage.read_partition(root, dt)
+    assert scores.num_rows == 3 * 4  # score_users x top_k candidates
+    assert set(scores.column("user_id").to_pylist()) <= set(pq.read_table(
+        f"{cfg.run_dir()}/demo_active_users.parquet").column("user_id").to_pylist())
+    probs = scores.column("score").to_numpy()
+    assert ((probs > 0) & (probs < 1)).all()
+    assert storage.read_manifest(root, dt)["rows"] == 12

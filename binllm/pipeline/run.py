@@ -32,6 +32,7 @@ from binllm.pipeline.scorer import Scorer, ScorerSpec
 
 logger = logging.getLogger(__name__)
 
+PAIRS_PER_PARTITION = 4096  # default partition count: about this many pairs per user-keyed block
 POPULAR_EXTRA = 1000  # popularity fallback ranks top_k + this many items; users who saw more get fewer
 
 
@@ -138,7 +139,8 @@ def run_scoring(cfg: Config) -> ScoringSummary:
         storage=cfg.storage, prompt=cfg.prompt, history_len=cfg.data.history_len, top_k=cfg.score.top_k,
         popular=_popular_items(inputs, cfg) if mode == "candidates" else [],
     )
-    partitions = cfg.score.partitions or None
+    pairs_expected = rows_in * (cfg.score.top_k if mode == "candidates" else 1)
+    partitions = cfg.score.partitions or max(cfg.score.num_actors, -(-pairs_expected // PAIRS_PER_PARTITION))
     pairs = log.union(wanted).repartition(partitions, keys=["user_id"], sort=True).map_batches(
         build_pairs, batch_size=None, batch_format="pyarrow", fn_kwargs={"spec": spec})
     gpus = cfg.score.gpus_per_actor or None
