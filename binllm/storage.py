@@ -301,7 +301,8 @@ def download_dir(uri: str, local_dir: str | os.PathLike, storage_cfg: Any = None
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """Serialises the processes of one node (Ray workers, parallel jobs) that fill the same cache entry."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -312,9 +313,9 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def default_download_cache() -> Path:
-    configured = os.environ.get("BINLLM_CACHE")
-    base = Path(configured).expanduser() if configured else Path.home() / ".cache" / "binllm"
-    return base / "downloads"
+    from binllm.assets import default_cache_dir
+
+    return default_cache_dir() / "downloads"
 
 
 def local_copy(uri: str, cache_dir: str | os.PathLike | None = None, storage_cfg: Any = None) -> Path:
@@ -332,7 +333,7 @@ def local_copy(uri: str, cache_dir: str | os.PathLike | None = None, storage_cfg
     cache = Path(cache_dir) if cache_dir else default_download_cache()
     local = cache / hashlib.sha256(uri.encode()).hexdigest()[:24]
     fingerprint = {"uri": uri, "files": [list(e) for e in entries]}
-    with _file_lock(cache / f"{local.name}.lock"):
+    with file_lock(cache / f"{local.name}.lock"):
         marker = local / CACHE_MARKER
         if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
             return local

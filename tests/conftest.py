@@ -1,5 +1,16 @@
 
 import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The test models are tiny: one intra-op thread is fastest, and a 2-thread team waiting on a
+    descheduled thread made tests up to 40x slower on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

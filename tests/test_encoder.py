@@ -15,15 +15,6 @@ from binllm.train.backend import LocalBackend
 from synthetic import make_planted_examples
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These models are tiny: one intra-op thread is fastest, and it does not thrash on a busy CI box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def planted():
     examples, _ = make_planted_examples(200, 100, 20000, seed=0)

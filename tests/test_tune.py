@@ -23,16 +23,6 @@ TUNE_SETTINGS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine a 2-thread team
-    waiting for a descheduled thread made these tests 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def planted():
     """Planted signal the tiny LLM can learn quickly: the label is whether the target title says "Space"."""
