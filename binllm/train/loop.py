@@ -71,15 +71,18 @@ def run_training(
         model.train()
         auc = float(metrics["auc"])
         state["history"].append({"step": state["step"], **{k: float(v) for k, v in metrics.items()}})
-        if auc > state["best_auc"]:
+        improved = auc > state["best_auc"]
+        if improved:
             state["best_auc"], state["bad_evals"] = auc, 0
             state["best_state"] = backend.trainable_state(model)
         else:
             state["bad_evals"] += 1
-        if backend.is_main:
-            log.info("step %d: validation %s (best auc %.4f)", state["step"],
-                     " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), state["best_auc"])
         state["stopped"] = at_cap or state["bad_evals"] >= settings.patience
+        if backend.is_main:
+            log.log(logging.INFO if improved or state["stopped"] else logging.DEBUG,
+                    "step %d: validation %s (best auc %.4f)%s", state["step"],
+                    " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), state["best_auc"],
+                    ", stopping" if state["stopped"] else "")
         backend.save_checkpoint(dict(state), {"step": state["step"], **metrics, "best_auc": state["best_auc"]})
         return state["stopped"]
 
