@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ def setup_logging() -> None:
                         stream=sys.stdout, force=True)
     for noisy in ("urllib3", "filelock", "httpx", "fsspec", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:

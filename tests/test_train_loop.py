@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from binllm.metrics import auc
-from binllm.train.backend import Backend, LocalBackend
+from binllm.train.backend import LocalBackend
 from binllm.train.loop import LoopSettings, run_training
 
 g = torch.Generator().manual_seed(0)
@@ -87,7 +87,7 @@ def test_a_stopped_run_resumed_does_not_train_again(tmp_path):
 def test_shards_cover_rows_evenly_or_exactly(world_size):
     shards_even, shards_exact = [], []
     for rank in range(world_size):
-        b = Backend()
+        b = LocalBackend()
         b.rank, b.world_size = rank, world_size
         shards_even.append(b.shard_indices(10, even=True))
         shards_exact.append(b.shard_indices(10, even=False))

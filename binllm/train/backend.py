@@ -6,6 +6,7 @@ same loops under DeepSpeed ZeRO, sharding rows by rank and gathering predictions
 """
 from __future__ import annotations
 
+import abc
 import os
 import tempfile
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 
-class Backend:
+class Backend(abc.ABC):
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
@@ -32,28 +33,35 @@ class Backend:
         per_rank = -(-n // self.world_size)
         return np.arange(self.rank * per_rank, (self.rank + 1) * per_rank) % max(n, 1)
 
+    @abc.abstractmethod
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> torch.nn.Module:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def backward_step(self, loss: torch.Tensor) -> bool:
         """Backward pass; an optimizer (and scheduler) step at each accumulation boundary. True when stepped."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def gather(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Concatenates each array over all ranks, in rank order; every rank gets the result."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def trainable_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Full (unsharded) CPU copies of the trainable parameters, on every rank."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def load_trainable_state(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def save_checkpoint(self, client_state: dict[str, Any], metrics: dict[str, float]) -> None:
         """Saves model, optimizer and scheduler state plus `client_state` as the latest checkpoint."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def load_checkpoint(self) -> dict[str, Any] | None:
         """Restores the latest checkpoint into the prepared model/optimizer/scheduler; its client_state, or None."""
         raise NotImplementedError
