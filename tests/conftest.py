@@ -1,6 +1,19 @@
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import pytest
 import torch
+
+from ray_cluster import free_port
+
+RAY = Path(sys.executable).with_name("ray")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,3 +73,43 @@ def s3_bucket(s3_server, monkeypatch):
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     return f"s3://{bucket}"
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head on 127.0.0.1 with 2 CPUs and the job API; yields the dashboard URL."""
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths have a length limit
+    dashboard_port = free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "GLOO_SOCKET_IFNAME": "lo", "BINLLM_CACHE": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    # Every port explicit: other Ray instances on this machine may hold the defaults (the job agent's 52365).
+    ports = [f"--{name}={free_port()}" for name in (
+        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "node-manager-port", "object-manager-port", "ray-client-server-port", "runtime-env-agent-port")]
+    head = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+         *ports, "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                JobSubmissionClient(url).list_jobs()
+                break
+            except Exception:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the Ray head did not come up at {url} (exit code {head.poll()})")
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # the head's own session: its GCS, raylet, dashboard, workers
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)

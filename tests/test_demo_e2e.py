@@ -1,13 +1,26 @@
 """The demo job end to end: synthetic interactions with planted structure, the tiny LLM, real files."""
 import math
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from binllm.config import load_config
 from jobs import demo
 from synthetic import make_planted_examples
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    """The demo's closing nightly-scoring step joins this module's Ray (binllm.cli.init_ray reuses it)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

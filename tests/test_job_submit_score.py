@@ -1,52 +1,17 @@
 """`ray job submit` of jobs.score to a real local Ray head: candidate generation, local output read by DuckDB."""
-import os
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import duckdb
-import psutil
 import pyarrow as pa
-import pytest
 
 from binllm import storage
+from ray_cluster import submit_job
 from pipeline_helpers import DT, UNCODED_USERS, brute_force_top_k, seen_items, write_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "GLOO_SOCKET_IFNAME": "lo"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head():
-    """A Ray head on 127.0.0.1 with its own ports and temp dir; stopped by killing exactly its processes
-    (`ray stop` would also stop other Ray clusters on this machine)."""
-    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
-    dashboard = free_port()
-    env = os.environ | RAY_ENV | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-           f"--port={free_port()}", "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-           f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
-    try:
-        yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
-        for proc in procs:
-            proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=5)
-        for proc in alive:
-            proc.kill()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_scores_candidates(ray_head, tmp_path, tiny_llm_dir):
@@ -64,15 +29,8 @@ def test_ray_job_submit_scores_candidates(ray_head, tmp_path, tiny_llm_dir):
     entrypoint = " ".join([sys.executable, "-m", "jobs.score"] + [f"--set {k}={v}" for k, v in overrides.items()])
     client = JobSubmissionClient(ray_head)
     runtime_env = {"working_dir": str(REPO), "excludes": ["runs", ".cache"], "env_vars": RAY_ENV}
+    job = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env)
     deadline = time.time() + 300
-    while True:  # the head's job agent comes up a few seconds after `ray start` returns
-        try:
-            job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-            break
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.time() > deadline:
-                raise
-            time.sleep(2)
     while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.time() < deadline, client.get_job_logs(job)[-3000:]
         time.sleep(1)
