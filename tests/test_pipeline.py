@@ -80,6 +80,12 @@ def test_bad_inputs_name_file_and_column(tmp_path, tiny_llm_dir):
         run_scoring(scoring_config(root, tiny_llm_dir, **{"score.requests": f"{root}/bad.parquet"}))
     with pytest.raises(InputError, match=r"interaction log not found: .*nowhere.parquet"):
         run_scoring(scoring_config(root, tiny_llm_dir, **{"score.interactions": f"{root}/nowhere.parquet"}))
+    storage.write_table(pa.table({"user_id": pa.array([], pa.string()), "item_id": pa.array([], pa.string())}),
+                        f"{root}/empty.parquet")
+    with pytest.raises(InputError, match="nothing to score"):
+        run_scoring(scoring_config(root, tiny_llm_dir, **{"score.requests": f"{root}/empty.parquet"}))
+    assert storage.published_dates(f"{root}/nightly/scores") == []
+    assert not storage.exists(f"{root}/nightly/scores/dt={DT}") or not storage.list_files(f"{root}/nightly/scores")
 
 
 def test_user_histories_keep_last_positives_oldest_first():

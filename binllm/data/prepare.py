@@ -17,14 +17,12 @@ EXAMPLES = pa.schema([
 
 
 def labels_from(interactions: pa.Table, min_rating: float) -> np.ndarray:
-    """The given 0/1 label where present, else rating >= min_rating."""
-    label = interactions.column("label")
-    if label.null_count == 0:
-        return label.to_numpy().astype(np.int8)
-    rating = interactions.column("rating")
-    if rating.null_count:
-        raise DataError("interactions: rows with neither a rating nor a label")
-    return (rating.to_numpy() >= min_rating).astype(np.int8)
+    """Per row: the given 0/1 label where present, else rating >= min_rating."""
+    from_rating = pc.cast(pc.greater_equal(interactions.column("rating"), min_rating), pa.int8())
+    labels = pc.coalesce(interactions.column("label"), from_rating)
+    if labels.null_count:
+        raise DataError(f"interactions: {labels.null_count} rows with neither a rating nor a label")
+    return labels.to_numpy().astype(np.int8)
 
 
 def month_index(timestamps: np.ndarray) -> np.ndarray:

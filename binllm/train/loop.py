@@ -55,7 +55,7 @@ def run_training(
     evaluate() returns metrics with "auc" over all ranks' rows.
     """
     state = {"step": 0, "epoch": 0, "batch": 0, "best_auc": -math.inf, "bad_evals": 0, "history": [], "best_state": None,
-             "stopped": False}
+             "stopped": False, "evaluated_at": -1}
     restored = backend.load_checkpoint()
     resumed_from = None
     if restored is not None:
@@ -71,6 +71,7 @@ def run_training(
         model.train()
         auc = float(metrics["auc"])
         state["history"].append({"step": state["step"], **{k: float(v) for k, v in metrics.items()}})
+        state["evaluated_at"] = state["step"]
         improved = auc > state["best_auc"]
         if improved:
             state["best_auc"], state["bad_evals"] = auc, 0
@@ -102,7 +103,6 @@ def run_training(
     model.train()
     while state["epoch"] < settings.max_epochs and not stopped:
         epoch = state["epoch"]
-        evaluated_at = -1
         for index, batch in enumerate(batches(epoch)):
             if index < state["batch"]:
                 continue
@@ -116,14 +116,13 @@ def run_training(
                 on_step(state["step"])
             at_cap = settings.max_steps and state["step"] >= settings.max_steps
             if (settings.eval_every and state["step"] % settings.eval_every == 0) or at_cap:
-                evaluated_at = state["step"]
                 if validate(at_cap=bool(at_cap)):
                     stopped = True
                     break
         if stopped:
             break
         state["epoch"], state["batch"] = epoch + 1, 0
-        if evaluated_at != state["step"]:
+        if state["evaluated_at"] != state["step"]:  # not already validated at this step (also across a resume)
             stopped = validate()
     if state["best_state"] is None:
         state["best_state"] = backend.trainable_state(model)
