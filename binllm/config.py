@@ -180,6 +180,11 @@ class ScoreConfig:
 
 
 @dataclass
+class EvalConfig:
+    max_test_rows: int = 0  # jobs.evaluate scores at most this many test rows (a seeded sample); 0: all
+
+
+@dataclass
 class DemoConfig:
     max_train_rows: int = 256
     max_valid_rows: int = 128
@@ -198,6 +203,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def run_dir(self) -> str:

@@ -12,16 +12,14 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from binllm import storage
 from binllm.cli import run_job
 from binllm.config import Config
-from binllm.encoder import export_codes, score_pairs, train_encoder
-from binllm.llm import answer_token_id, load_causal_lm, score_prompts
-from binllm.prompts import build_prompts
+from binllm.encoder import export_codes, train_encoder
+from binllm.llm import load_causal_lm
 from binllm.sources import adapter_uri, model_folder, write_encoder_outputs
 from binllm.tune import publish_adapter, tune_lora
 from jobs import evaluate, prepare, score
@@ -34,23 +32,6 @@ def size_for_demo(cfg: Config) -> None:
     for stage in (cfg.tune.stage1, cfg.tune.stage2):
         stage.max_train_rows = stage.max_train_rows or cfg.demo.max_train_rows
         stage.max_valid_rows = stage.max_valid_rows or cfg.demo.max_valid_rows
-
-
-def sample_rows(table: pa.Table, n: int, seed: int) -> pa.Table:
-    if n <= 0 or table.num_rows <= n:
-        return table
-    keep = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=n, replace=False))
-    return table.take(pa.array(keep))
-
-
-def long_scores(rows: pa.Table, method: str, logits: np.ndarray) -> pa.Table:
-    return pa.table({
-        "user_id": rows.column("user_id"), "item_id": rows.column("item_id"), "timestamp": rows.column("timestamp"),
-        "label": rows.column("label"), "warm": rows.column("warm"),
-        "method": pa.array([method] * rows.num_rows, type=pa.string()),
-        "logit": pa.array(np.asarray(logits, dtype=np.float32)),
-        "score": pa.array((1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))).astype(np.float32)),
-    })
 
 
 def nightly_scoring(cfg: Config, test: pa.Table, user_codes: pa.Table):
@@ -98,21 +79,11 @@ def run(cfg: Config) -> pa.Table:
     publish_adapter(tuned, adapter_uri(cfg), cfg)
     clock.step(f"LoRA tuning ({cfg.tune.mode})")
 
-    test = sample_rows(examples.filter(pc.equal(examples.column("split"), "test")), cfg.demo.max_test_rows,
-                       cfg.run.seed)
-    prompts = build_prompts(test, items, user_codes, item_codes, cfg.prompt)
-    answer_id = answer_token_id(tokenizer, prompts.texts[0], cfg.llm.answer)
-    llm_logits = score_prompts(tuned.model, tokenizer, prompts.prefix, prompts.suffix, answer_id=answer_id,
-                               shared_prefix=cfg.score.shared_prefix, max_batch_tokens=cfg.score.max_batch_tokens)
-    users, items_ = test.column("user_id"), test.column("item_id")
-    scores = pa.concat_tables([
-        long_scores(test, "MF", score_pairs(mf, users, items_)),
-        long_scores(test, "BinMF", score_pairs(binmf, users, items_)),
-        long_scores(test, "BinLLM", llm_logits),
-    ])
-    eval_uri = evaluate.eval_uri(cfg)
-    storage.write_table(scores, storage.join_uri(eval_uri, "test_scores.parquet"), cfg.storage)
-    clock.step(f"test scoring ({test.num_rows} rows, {int(prompts.fallback.sum())} text-only fallbacks)")
+    test = evaluate.test_rows(examples, cfg.demo.max_test_rows, cfg.run.seed)
+    scores, fallbacks = evaluate.score_test_rows(cfg, test, items, user_codes, item_codes, mf=mf, binmf=binmf,
+                                                 llm=tuned.model, tokenizer=tokenizer)
+    storage.write_table(scores, evaluate.test_scores_uri(cfg), cfg.storage)
+    clock.step(f"test scoring ({test.num_rows} rows, {fallbacks} text-only fallbacks)")
 
     table, text = evaluate.write_report(cfg, scores)
     nightly = nightly_scoring(cfg, test, user_codes) if cfg.demo.score_users > 0 else None

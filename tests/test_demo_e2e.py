@@ -81,3 +81,29 @@ def test_demo_ends_with_a_published_nightly_scoring_run(demo_run):
     probs = scores.column("score").to_numpy()
     assert ((probs > 0) & (probs < 1)).all()
     assert storage.read_manifest(root, dt)["rows"] == 12
+
+
+def test_evaluate_job_scores_the_test_split_from_the_run_artifacts(demo_run):
+    import dataclasses
+
+    import numpy as np
+
+    from jobs import evaluate
+
+    cfg, _ = demo_run
+    path = f"{cfg.run_dir()}/eval/test_scores.parquet"
+    demo_scores = pq.read_table(path)
+    pa.fs.LocalFileSystem().delete_file(path)
+    same_sample = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_test_rows=50))
+    table = evaluate.run(same_sample)
+    rows = {r["method"]: r for r in table.to_pylist()}
+    assert sorted(rows) == ["BinLLM", "BinMF", "MF"] and all(r["all_rows"] == 50 for r in rows.values())
+    scores = pq.read_table(path)
+    assert scores.num_rows == 3 * 50
+
+    def logits(table, method):
+        return table.filter(pa.compute.equal(table["method"], method))["logit"].to_numpy()
+
+    # the saved encoder and adapter, loaded back, score exactly as the in-process models did
+    np.testing.assert_allclose(logits(scores, "BinMF"), logits(demo_scores, "BinMF"), atol=1e-6)
+    np.testing.assert_allclose(logits(scores, "BinLLM"), logits(demo_scores, "BinLLM"), atol=1e-4)
