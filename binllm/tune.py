@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from binllm import storage
+from binllm import data, storage
 from binllm.config import Config, StageConfig
 from binllm.llm import answer_token_id, apply_lora, collate_prompts, encode_prompts, yes_logits
 from binllm.metrics import auc
@@ -105,11 +104,7 @@ def split_rows(examples: pa.Table, split: str, max_rows: int, seed: int) -> pa.T
     missing = [c for c in REQUIRED_COLUMNS if c not in examples.column_names]
     if missing:
         raise ValueError(f"examples: missing column(s) {missing}; has {examples.column_names}")
-    rows = examples.filter(pc.equal(examples.column("split"), split))
-    if max_rows and rows.num_rows > max_rows:
-        keep = np.sort(np.random.default_rng(seed).choice(rows.num_rows, max_rows, replace=False))
-        rows = rows.take(pa.array(keep))
-    return rows
+    return data.split_rows(examples, split, max_rows, seed)
 
 
 def tokenize_rows(rows: pa.Table, items: pa.Table, user_codes: pa.Table | None, item_codes: pa.Table | None,

@@ -22,6 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
@@ -206,34 +207,40 @@ def reap(pid: int) -> None:
         pass
 
 
-def wait_http(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+def wait_until(ready: Callable[[], bool], what: str, process: subprocess.Popen, log_path: Path,
+               timeout_s: float) -> None:
+    """Polls `ready` until it holds; fails early, with the log's tail, when `process` exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{shlex.join(map(str, process.args))} exited with {process.returncode}:\n"
                                f"{tail(log_path)}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+        if ready():
+            return
         time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s; log:\n{tail(log_path)}")
+    raise TimeoutError(f"{what} within {timeout_s:.0f} s; log:\n{tail(log_path)}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def tcp_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((LOOPBACK, port)) == 0
+
+
+def wait_http(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    wait_until(lambda: http_ok(url), f"{url} did not answer", process, log_path, timeout_s)
 
 
 def wait_tcp(port: int, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{shlex.join(map(str, process.args))} exited with {process.returncode}:\n"
-                               f"{tail(log_path)}")
-        with socket.socket() as sock:
-            sock.settimeout(1)
-            if sock.connect_ex((LOOPBACK, port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"{LOOPBACK}:{port} did not accept connections within {timeout_s:.0f} s; log:\n{tail(log_path)}")
+    wait_until(lambda: tcp_open(port), f"{LOOPBACK}:{port} did not accept connections", process, log_path, timeout_s)
 
 
 def dashboard_dependency_error() -> str | None:

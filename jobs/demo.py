@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from binllm import storage
 from binllm.cli import run_job
 from binllm.config import Config
+from binllm.data import split_rows
 from binllm.encoder import export_codes, train_encoder
 from binllm.llm import load_causal_lm
 from binllm.sources import adapter_uri, model_folder, write_encoder_outputs
@@ -79,7 +80,7 @@ def run(cfg: Config) -> pa.Table:
     publish_adapter(tuned, adapter_uri(cfg), cfg)
     clock.step(f"LoRA tuning ({cfg.tune.mode})")
 
-    test = evaluate.test_rows(examples, cfg.demo.max_test_rows, cfg.run.seed)
+    test = split_rows(examples, "test", cfg.demo.max_test_rows, cfg.run.seed)
     scores, fallbacks = evaluate.score_test_rows(cfg, test, items, user_codes, item_codes, mf=mf, binmf=binmf,
                                                  llm=tuned.model, tokenizer=tokenizer)
     storage.write_table(scores, evaluate.test_scores_uri(cfg), cfg.storage)

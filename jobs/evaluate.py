@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from binllm import sources, storage
 from binllm.cli import run_job
 from binllm.config import Config
+from binllm.data import split_rows
 from binllm.metrics import evaluate_scores, format_report, report_table
 from binllm.prompts import build_prompts
 
@@ -32,15 +33,6 @@ def eval_uri(cfg: Config) -> str:
 
 def test_scores_uri(cfg: Config) -> str:
     return storage.join_uri(eval_uri(cfg), "test_scores.parquet")
-
-
-def test_rows(examples: pa.Table, max_rows: int, seed: int) -> pa.Table:
-    """The test split, or a seeded sample of max_rows of it (0: all), in time order."""
-    test = examples.filter(pc.equal(examples.column("split"), "test"))
-    if max_rows <= 0 or test.num_rows <= max_rows:
-        return test
-    keep = np.sort(np.random.default_rng(seed).choice(test.num_rows, size=max_rows, replace=False))
-    return test.take(pa.array(keep))
 
 
 def long_scores(rows: pa.Table, method: str, logits: np.ndarray) -> pa.Table:
@@ -86,7 +78,7 @@ def compute_test_scores(cfg: Config) -> pa.Table:
     model, tokenizer = load_causal_lm(sources.model_folder(cfg.llm.model, cfg), dtype=cfg.llm.dtype)
     adapter = storage.local_copy(sources.adapter_uri(cfg), storage_cfg=cfg.storage)
     llm = load_adapter(model, adapter)
-    test = test_rows(examples, cfg.eval.max_test_rows, cfg.run.seed)
+    test = split_rows(examples, "test", cfg.eval.max_test_rows, cfg.run.seed)
     log.info("scoring %d test rows with MF, BinMF and BinLLM", test.num_rows)
     scores, fallbacks = score_test_rows(cfg, test, items, user_codes, item_codes, mf=mf, binmf=binmf, llm=llm,
                                         tokenizer=tokenizer)

@@ -16,6 +16,15 @@ EXAMPLES = pa.schema([
 ])
 
 
+def split_rows(examples: pa.Table, split: str, max_rows: int = 0, seed: int = 0) -> pa.Table:
+    """Rows of `split`; at most max_rows of them (0: all), a seeded random subset kept in input order."""
+    rows = examples.filter(pc.equal(examples.column("split"), split))
+    if max_rows and rows.num_rows > max_rows:
+        keep = np.sort(np.random.default_rng(seed).choice(rows.num_rows, max_rows, replace=False))
+        rows = rows.take(pa.array(keep))
+    return rows
+
+
 def labels_from(interactions: pa.Table, min_rating: float) -> np.ndarray:
     """Per row: the given 0/1 label where present, else rating >= min_rating."""
     from_rating = pc.cast(pc.greater_equal(interactions.column("rating"), min_rating), pa.int8())

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from binllm.config import EncoderConfig
+from binllm.data import split_rows
 from binllm.encoder.model import BinaryEncoder, MatrixFactorization
 from binllm.encoder.vocab import as_string_array, build_vocabulary, lookup
 from binllm.metrics import auc
@@ -59,10 +60,6 @@ def anneal_beta(epoch: int, anneal_epochs: int) -> float:
     return min(1.0, (epoch + 1) / anneal_epochs)
 
 
-def _split_rows(examples: pa.Table, split: str) -> pa.Table:
-    return examples.filter(pc.equal(examples.column("split"), split))
-
-
 def _check_examples(examples: pa.Table) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in examples.column_names]
     if missing:
@@ -94,7 +91,7 @@ def train_encoder(
     """
     _check_examples(examples)
     backend = backend or LocalBackend()
-    train, valid = _split_rows(examples, "train"), _split_rows(examples, "valid")
+    train, valid = split_rows(examples, "train"), split_rows(examples, "valid")
     if train.num_rows == 0:
         raise ValueError("examples: split 'train' has no rows")
     valid_labels = _labels(valid)
