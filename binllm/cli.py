@@ -16,14 +16,15 @@ DEFAULT_CONFIG = "ray_config.yaml"
 
 def parse_job_args(description: str, argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None,
-                        help=f"YAML config (default: ./{DEFAULT_CONFIG})")
+    parser.add_argument("--config", action="append", default=None,
+                        help=f"YAML config (default: ./{DEFAULT_CONFIG}); repeat to layer presets, later files win")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set encoder.lr=0.001 (repeatable)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        return load_config(args.config, args.overrides)
+        configs = args.config or ([DEFAULT_CONFIG] if os.path.exists(DEFAULT_CONFIG) else [])
+        return load_config(configs, args.overrides)
     except ConfigError as exc:
         parser.exit(2, f"error: {exc}\n")
 

@@ -78,6 +78,7 @@ class DataConfig:
     min_rating: float = 4.0  # label = rating >= min_rating (MovieLens 4, Amazon-Book 5)
     split: SplitConfig = field(default_factory=SplitConfig)
     history_len: int = 10
+    warm_min_train: int = 1  # warm rows: user and item each have >= this many train rows (paper's code: 4)
     examples: str = ""  # prepared examples location; empty means <run dir>/examples
 
 
@@ -93,6 +94,9 @@ class EncoderConfig:
     max_epochs: int = 300
     patience: int = 20  # validations (one per epoch) without improvement
     anneal_epochs: int = 100  # beta (share of hard codes) rises 0 -> 1 over these epochs
+    shared_mask: bool = False  # one soft/hard mask per row for the user and item side (the official code)
+    vocabulary: str = "train"  # train: embedding rows for train ids only | all: every id of train/valid/test
+    mf_dim: int = 0  # the MF baseline's embedding size; 0: dim (the paper's MF row: 256)
     codes: str = ""  # code tables location; empty means <run dir>/codes
 
 
@@ -120,8 +124,13 @@ class StageConfig:
     epochs: int = 1
     max_steps: int = 0  # 0: no cap beyond epochs
     micro_batch_size: int = 8
+    micro_batch_tokens: int = 0  # > 0: micro-batches of rows x longest row <= this many tokens (micro_batch_size
+    # unused); -1: sized from free GPU memory (rows of micro_batch_size on CPU)
     grad_accum: int = 1
     warmup_ratio: float = 0.1
+    warmup_steps: int = 0  # 0: warmup_ratio of the stage's steps
+    warmup_start_lr: float = 0.0  # lr at the first warm-up step; 0: rises from lr / (warm-up steps + 1)
+    min_lr: float = 0.0  # floor of the cosine decay
     eval_every: int = 0  # optimizer steps between validations; 0: once per epoch
     patience: int = 3  # validations without AUC improvement before stopping
     max_train_rows: int = 0  # 0: all rows
@@ -133,6 +142,7 @@ class LLMConfig:
     model: str = "demo:smollm2-135m"  # local folder, s3:// prefix, or demo:smollm2-135m
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     answer: str = " Yes"
+    negative_answer: str = " No"  # score = logit(answer) - logit(negative_answer); empty: the raw answer logit
 
 
 @dataclass
@@ -185,6 +195,14 @@ class EvalConfig:
 
 
 @dataclass
+class PaperConfig:
+    methods: list[str] = field(default_factory=lambda: ["MF", "BinMF", "TO", "IO", "IT", "BinLLM"])
+    code_formats: list[str] = field(default_factory=lambda: ["binary", "dotted"])
+    max_test_rows: int = 0  # score at most this many test rows (a seeded sample); 0: the whole test split
+    time_budget_s: int = 0  # start no new method after this many seconds (a rerun adds the rest); 0: none
+
+
+@dataclass
 class DemoConfig:
     max_train_rows: int = 256
     max_valid_rows: int = 128
@@ -204,6 +222,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    paper: PaperConfig = field(default_factory=PaperConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def run_dir(self) -> str:
@@ -292,20 +311,33 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Reads YAML (or the defaults when path is None), applies `key=value` overrides, validates."""
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return loaded or {}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
+    """Reads YAML (or the defaults when path is None; a list of files is layered, later keys win), applies
+    `key=value` overrides, validates. Keys a file leaves out keep their defaults."""
     values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level")
-        values = loaded or {}
+    for one in ([] if path is None else [path] if isinstance(path, (str, Path)) else path):
+        values = _merge(values, _read_yaml(one))
     for item in overrides or []:
         keys, value = _parse_override(item)
         node = values
@@ -313,7 +345,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{k}' is not a section")
-        node[keys[-1]] = value
+        # A mapping merges into the section (--set 'tune.stage1={lr: 0.01}' keeps the section's other keys).
+        current = node.get(keys[-1])
+        node[keys[-1]] = _merge(current, value) if isinstance(value, dict) and isinstance(current, dict) else value
     cfg = Config()
     _apply(cfg, values)
     if not cfg.run.name:
@@ -331,5 +365,19 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'data.split.fractions': expected three non-negative shares summing to 1, got {fr}")
     if cfg.distributed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'distributed.zero_stage': expected 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
+    bad_methods = sorted(set(cfg.paper.methods) - {"MF", "BinMF", "TO", "IO", "IT", "BinLLM"})
+    if bad_methods or not cfg.paper.methods:
+        raise ConfigError(f"config key 'paper.methods': expected some of [MF, BinMF, TO, IO, IT, BinLLM], got "
+                          f"{cfg.paper.methods}")
+    bad_formats = sorted(set(cfg.paper.code_formats) - {"binary", "dotted"})
+    if bad_formats or not cfg.paper.code_formats:
+        raise ConfigError(f"config key 'paper.code_formats': expected some of ['binary', 'dotted'], got "
+                          f"{cfg.paper.code_formats}")
+    if cfg.data.warm_min_train < 1:
+        raise ConfigError(f"config key 'data.warm_min_train': expected >= 1, got {cfg.data.warm_min_train}")
+    if cfg.encoder.vocabulary not in ("train", "all"):
+        raise ConfigError(f"config key 'encoder.vocabulary': expected 'train' or 'all', got {cfg.encoder.vocabulary!r}")
+    if cfg.llm.answer == cfg.llm.negative_answer:
+        raise ConfigError("config keys 'llm.answer' and 'llm.negative_answer' must differ")
     if cfg.data.history_len < 0:
         raise ConfigError(f"config key 'data.history_len': expected >= 0, got {cfg.data.history_len}")

@@ -27,7 +27,8 @@ from transformers import PreTrainedTokenizerBase
 
 from binllm import data, storage
 from binllm.config import Config, StageConfig
-from binllm.llm import answer_token_id, apply_lora, collate_prompts, encode_prompts, yes_logits
+from binllm.llm import AnswerTokens, answer_tokens, apply_lora, collate_prompts, encode_prompts, yes_logits
+from binllm.llm.forward import unwrap_causal_lm
 from binllm.metrics import auc
 from binllm.prompts import build_prompts
 from binllm.train.backend import Backend, LocalBackend
@@ -72,7 +73,7 @@ class TuneResult:
 
     model: torch.nn.Module
     adapter_state: dict[str, torch.Tensor]
-    answer_id: int
+    answer: AnswerTokens
     best_auc: float
     stages: list[StageResult] = field(default_factory=list)
 
@@ -118,14 +119,19 @@ def tokenize_rows(rows: pa.Table, items: pa.Table, user_codes: pa.Table | None, 
 
 
 def train_micro_batches(lengths: np.ndarray, backend: Backend, micro_batch_size: int, grad_accum: int,
-                        seed: int, epoch: int) -> list[np.ndarray]:
+                        seed: int, epoch: int, *, micro_batch_tokens: int = 0) -> list[np.ndarray]:
     """This rank's micro-batches (row indices) for `epoch`: the same on every call with the same arguments.
 
     All ranks shuffle the rows with the same seed and take their share (equal counts, so steps match);
     windows of BUCKET_MICRO_BATCHES micro-batches are sorted by length, so a micro-batch holds prompts
     of similar length (little padding), and the micro-batch order is shuffled again. The tail that does
     not fill a whole accumulation group is dropped, so every optimizer step sees grad_accum micro-batches.
+
+    micro_batch_tokens > 0 sizes micro-batches by tokens instead of rows: as many rows as keep
+    rows x longest row within the budget (see `token_budget_micro_batches`).
     """
+    if micro_batch_tokens > 0:
+        return token_budget_micro_batches(lengths, backend, micro_batch_tokens, grad_accum, seed, epoch)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))[backend.shard_indices(len(lengths), even=True)]
     window = micro_batch_size * BUCKET_MICRO_BATCHES
@@ -138,8 +144,56 @@ def train_micro_batches(lengths: np.ndarray, backend: Backend, micro_batch_size:
     return batches[: len(batches) // grad_accum * grad_accum]
 
 
-def stage_steps(n_rows: int, world_size: int, settings: StageConfig) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps of the stage)."""
+def token_budget_micro_batches(lengths: np.ndarray, backend: Backend, micro_batch_tokens: int, grad_accum: int,
+                               seed: int, epoch: int) -> list[np.ndarray]:
+    """Micro-batches of rows x longest row <= micro_batch_tokens (a longer row gets one of its own).
+
+    Every rank plans all rows the same way (same seed), windows of about BUCKET_MICRO_BATCHES budgets of
+    shuffled rows are sorted by length and cut greedily, the batches are shuffled, whole groups of
+    world_size x grad_accum are kept, and rank r takes every world_size-th batch from r: the ranks run
+    the same number of micro-batches per step, so their collectives line up.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    window_tokens = micro_batch_tokens * BUCKET_MICRO_BATCHES
+    batches: list[np.ndarray] = []
+    start = 0
+    cumulative = np.cumsum(lengths[order])
+    while start < len(order):
+        done = cumulative[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(cumulative, done + window_tokens, side="right")))
+        chunk = order[start:stop]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        first = 0
+        for i in range(len(chunk)):
+            if (i + 1 - first) * int(lengths[chunk[i]]) > micro_batch_tokens and i > first:
+                batches.append(chunk[first:i])
+                first = i
+        batches.append(chunk[first:])
+        start = stop
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    group = backend.world_size * grad_accum
+    batches = batches[: len(batches) // group * group]
+    return batches[backend.rank::backend.world_size]
+
+
+def stage_steps(n_rows: int, world_size: int, settings: StageConfig,
+                lengths: np.ndarray | None = None, seed: int = 0) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps of the stage). Token-budget stages count the
+    micro-batches of each epoch's plan (`lengths`: the training rows' token counts)."""
+    if settings.micro_batch_tokens > 0:
+        if lengths is None:
+            raise ValueError("stage_steps: token-budget micro-batches need the rows' lengths")
+        plan = _WorldShape(world_size)
+        counts = [len(token_budget_micro_batches(lengths, plan, settings.micro_batch_tokens, settings.grad_accum,
+                                                 seed, epoch)) // settings.grad_accum
+                  for epoch in range(settings.epochs)]
+        if counts[0] == 0:
+            raise ValueError(f"{n_rows} training rows make no optimizer step with micro_batch_tokens="
+                             f"{settings.micro_batch_tokens}, grad_accum={settings.grad_accum} on {world_size} "
+                             "rank(s); lower them or add rows")
+        total = sum(counts)
+        return counts[0], min(total, settings.max_steps) if settings.max_steps else total
     per_rank = -(-n_rows // world_size)
     per_epoch = -(-per_rank // settings.micro_batch_size) // settings.grad_accum
     if per_epoch == 0:
@@ -150,13 +204,21 @@ def stage_steps(n_rows: int, world_size: int, settings: StageConfig) -> tuple[in
     return per_epoch, min(total, settings.max_steps) if settings.max_steps else total
 
 
+class _WorldShape(LocalBackend):
+    """Rank 0 of `world_size`: plans micro-batches as rank 0 of a run of that size would."""
+
+    def __init__(self, world_size: int):
+        super().__init__()
+        self.world_size = world_size
+
+
 class _StageTask:
     """Batches, loss and validation of one stage, for run_training."""
 
     def __init__(self, backend: Backend, train: PromptSet, valid: PromptSet, settings: StageConfig,
-                 answer_id: int, pad_id: int, seed: int):
+                 answer: AnswerTokens, pad_id: int, seed: int):
         self.backend, self.train, self.valid, self.settings = backend, train, valid, settings
-        self.answer_id, self.pad_id, self.seed = answer_id, pad_id, seed
+        self.answer, self.pad_id, self.seed = answer, pad_id, seed
         self.train_lengths = train.lengths
         self.train_tokens = self.padded_tokens = 0
         self.eval_seconds = 0.0
@@ -169,14 +231,31 @@ class _StageTask:
 
     def batches(self, epoch: int):
         for rows in train_micro_batches(self.train_lengths, self.backend, self.settings.micro_batch_size,
-                                        self.settings.grad_accum, self.seed, epoch):
+                                        self.settings.grad_accum, self.seed, epoch,
+                                        micro_batch_tokens=self.settings.micro_batch_tokens):
             yield rows
 
     def loss(self, model: torch.nn.Module, rows: np.ndarray, epoch: int) -> torch.Tensor:
         input_ids, mask, labels = self._tensors(self.train, rows)
-        self.train_tokens += int(mask.sum())
-        self.padded_tokens += mask.numel()
-        return F.binary_cross_entropy_with_logits(yes_logits(model, input_ids, mask, self.answer_id), labels)
+        lengths = self.train_lengths[rows]
+        self.train_tokens += int(lengths.sum())  # from the host-side lengths: no device sync per micro-batch
+        self.padded_tokens += int(lengths.max()) * len(rows)
+        return F.binary_cross_entropy_with_logits(yes_logits(model, input_ids, mask, self.answer), labels)
+
+    def _eval_batches(self, sorted_lengths: np.ndarray) -> list[tuple[int, int]]:
+        """Consecutive (start, stop) slices of length-sorted rows: 2 x micro_batch_size rows, or rows x
+        longest <= 2 x micro_batch_tokens (no activations are kept for a backward pass)."""
+        if self.settings.micro_batch_tokens <= 0:
+            size = 2 * self.settings.micro_batch_size
+            return [(s, min(s + size, len(sorted_lengths))) for s in range(0, len(sorted_lengths), size)]
+        budget, slices, start = 2 * self.settings.micro_batch_tokens, [], 0
+        for i in range(len(sorted_lengths)):
+            if (i + 1 - start) * int(sorted_lengths[i]) > budget and i > start:
+                slices.append((start, i))
+                start = i
+        if len(sorted_lengths):
+            slices.append((start, len(sorted_lengths)))
+        return slices
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """AUC and mean BCE over all validation rows. Every rank scores the same number of batches
@@ -184,11 +263,10 @@ class _StageTask:
         started = time.perf_counter()
         mine = self.backend.shard_indices(len(self.valid), even=True)
         mine = mine[np.argsort(self.valid.lengths[mine], kind="stable")]
-        size = 2 * self.settings.micro_batch_size
         scores = np.empty(len(mine), dtype=np.float32)
-        for start in range(0, len(mine), size):
-            input_ids, mask, _ = self._tensors(self.valid, mine[start:start + size])
-            scores[start:start + size] = yes_logits(model, input_ids, mask, self.answer_id).cpu().numpy()
+        for start, stop in self._eval_batches(self.valid.lengths[mine]):
+            input_ids, mask, _ = self._tensors(self.valid, mine[start:stop])
+            scores[start:stop] = yes_logits(model, input_ids, mask, self.answer).cpu().numpy()
         gathered = self.backend.gather({"index": mine, "score": scores})
         index, first = np.unique(gathered["index"], return_index=True)
         scores, labels = gathered["score"][first], self.valid.labels[index]
@@ -203,15 +281,54 @@ def _backend_for(backend: Backend | None, stage: Stage, device: torch.device) ->
     return backend
 
 
+AUTO_BUDGET_SHARE = 0.6  # share of free GPU memory that an auto-sized micro-batch may take
+AUTO_BUDGET_MAX = 1 << 18
+
+
+def fit_micro_batch_tokens(model: torch.nn.Module, answer: AnswerTokens, lengths: np.ndarray, backend: Backend,
+                           probe_tokens: int = 8192) -> int:
+    """A token budget for training micro-batches sized from free GPU memory: one forward + backward on
+    probe_tokens tokens of the rows' median length measures the memory a token takes; the budget is
+    AUTO_BUDGET_SHARE of the free memory at that rate (the smallest over ranks). Off CUDA: 0 (rows)."""
+    device = backend.device
+    if device.type != "cuda":
+        return 0
+    width = int(np.median(lengths))
+    rows = max(1, probe_tokens // width)
+    torch.cuda.synchronize(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    vocab = unwrap_causal_lm(model).config.vocab_size
+    input_ids = torch.randint(min(10, vocab - 1), vocab, (rows, width), device=device)
+    logits = yes_logits(model, input_ids, torch.ones_like(input_ids), answer)
+    F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits)).backward()
+    per_token = (torch.cuda.max_memory_allocated(device) - before) / (rows * width)
+    model.zero_grad(set_to_none=True)
+    budget = int(min(AUTO_BUDGET_MAX, AUTO_BUDGET_SHARE * free / max(per_token, 1.0)))
+    budget = int(backend.gather({"budget": np.asarray([budget])})["budget"].min())
+    if backend.is_main:
+        log.info("micro-batch budget %d tokens (%.0f KiB per token, %.1f GiB free)", budget, per_token / 1024,
+                 free / 2**30)
+    return max(budget, width)
+
+
 def _run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet, valid: PromptSet,
-               answer_id: int, pad_id: int, seed: int) -> tuple[StageResult, dict[str, torch.Tensor]]:
+               answer: AnswerTokens, pad_id: int, seed: int) -> tuple[StageResult, dict[str, torch.Tensor]]:
     settings = stage.settings
-    _, total_steps = stage_steps(len(train), backend.world_size, settings)
+    if settings.micro_batch_tokens < 0:
+        settings = dataclasses.replace(
+            settings, micro_batch_tokens=fit_micro_batch_tokens(model, answer, train.lengths, backend))
+    _, total_steps = stage_steps(len(train), backend.world_size, settings, train.lengths, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = warmup_cosine(optimizer, total_steps, settings.warmup_ratio)
+    scheduler = warmup_cosine(
+        optimizer, total_steps, settings.warmup_ratio, warmup=settings.warmup_steps,
+        start_factor=settings.warmup_start_lr / settings.lr if settings.lr else 0.0,
+        floor_factor=settings.min_lr / settings.lr if settings.lr else 0.0)
     prepared = backend.prepare(model, optimizer, scheduler)
-    task = _StageTask(backend, train, valid, settings, answer_id, pad_id, seed)
+    task = _StageTask(backend, train, valid, settings, answer, pad_id, seed)
     started = time.perf_counter()
     result = run_training(
         backend, prepared,
@@ -245,6 +362,7 @@ def tune_lora(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     backend: Backend | None = None,
+    initial_adapter: dict[str, torch.Tensor] | None = None,
 ) -> TuneResult:
     """Attach LoRA (cfg.tune.lora) to `model` and tune it on the train rows of `examples`, validating on
     the valid rows; two-step or intuitive per cfg.tune.mode. Returns the model with its best adapter loaded.
@@ -252,6 +370,10 @@ def tune_lora(
     backend: None runs here, on the model's device, with each stage's grad_accum. A given Backend runs
     every stage (a LocalBackend keeps its own grad_accum; a StageAware backend, as in Ray Train workers,
     takes each stage's batch settings and skips stages that a resumed run had already finished).
+
+    initial_adapter: LoRA tensors (a TuneResult's adapter_state) to start from instead of fresh LoRA; with
+    intuitive mode this is stage 2 of a two-step run whose stage 1 ran before (the paper table reuses
+    its text-only run that way).
     """
     if isinstance(model, PeftModel):
         raise TypeError("tune_lora expects the base causal LM; it attaches the LoRA adapter itself")
@@ -261,12 +383,14 @@ def tune_lora(
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     peft_model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    if initial_adapter is not None:
+        _load_lora(peft_model, initial_adapter)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad token nor an EOS token to pad with")
 
     results: list[StageResult] = []
-    answer_id: int | None = None
+    answer: AnswerTokens | None = None
     best_state: dict[str, torch.Tensor] | None = None
     for stage in stages:
         settings = stage.settings
@@ -279,8 +403,8 @@ def tune_lora(
         valid, _ = tokenize_rows(valid_rows, items, user_codes, item_codes, cfg, stage.prompt_kind, tokenizer)
         if len(np.unique(valid.labels)) < 2:
             raise ValueError(f"{stage.name}: the validation rows hold one label class only; AUC is undefined")
-        if answer_id is None:
-            answer_id = answer_token_id(tokenizer, prompt, cfg.llm.answer)
+        if answer is None:
+            answer = answer_tokens(tokenizer, prompt, cfg.llm.answer, cfg.llm.negative_answer)
 
         stage_backend = _backend_for(backend, stage, device)
         finished = None
@@ -293,12 +417,12 @@ def tune_lora(
                      summary.best_auc)
             _load_lora(peft_model, best_state)
         else:
-            summary, best_state = _run_stage(stage, stage_backend, peft_model, train, valid, answer_id, pad_id, seed)
+            summary, best_state = _run_stage(stage, stage_backend, peft_model, train, valid, answer, pad_id, seed)
             if isinstance(stage_backend, StageAware):
                 stage_backend.end_stage(stage.name, {"result": dataclasses.asdict(summary), "best_state": best_state})
         results.append(summary)
 
-    return TuneResult(model=peft_model, adapter_state=best_state, answer_id=answer_id,
+    return TuneResult(model=peft_model, adapter_state=best_state, answer=answer,
                       best_auc=results[-1].best_auc, stages=results)
 
 
@@ -335,7 +459,7 @@ TUNE_SUMMARY_FILE = "tune_result.json"
 def publish_adapter(result: TuneResult, uri: str, cfg: Config) -> None:
     """Writes the adapter folder (+ a tuning summary) to `uri`, local or s3://; adapter_config.json goes
     last, so a reader never loads a partly written or partly replaced adapter."""
-    summary = {"best_auc": result.best_auc, "answer_id": result.answer_id, "base_model": cfg.llm.model,
+    summary = {"best_auc": result.best_auc, "answer": dataclasses.asdict(result.answer), "base_model": cfg.llm.model,
                "stages": [dataclasses.asdict(s) for s in result.stages]}
     with tempfile.TemporaryDirectory() as local:
         save_tuned_adapter(result, local)

@@ -27,7 +27,7 @@ import torch
 from binllm import codes, storage
 from binllm.candidates import SeenItems, top_k_hamming
 from binllm.config import load_config
-from binllm.llm import answer_token_id, apply_lora, build_tiny_llm, load_causal_lm, save_adapter, score_prompts
+from binllm.llm import answer_tokens, apply_lora, build_tiny_llm, load_causal_lm, save_adapter, score_prompts
 from binllm.pipeline.pairs import attach_histories, user_histories
 from binllm.pipeline.scorer import load_scoring_model
 from binllm.prompts import build_prompts
@@ -92,7 +92,7 @@ def plain_loop(cfg, root: Path, requests: pa.Table, batch_size: int) -> tuple[fl
     batch = build_prompts(rows, storage.read_table(str(root / "examples" / "items.parquet")),
                           storage.read_table(str(root / "codes" / "users.parquet")),
                           storage.read_table(str(root / "codes" / "items.parquet")), cfg.prompt)
-    answer = answer_token_id(tokenizer, batch.prefix[0] + batch.suffix[0], cfg.llm.answer)
+    answer = answer_tokens(tokenizer, batch.prefix[0] + batch.suffix[0], cfg.llm.answer, cfg.llm.negative_answer)
     logits = []
     for s in range(0, len(batch), batch_size):
         logits.append(score_prompts(model, tokenizer, batch.prefix[s:s + batch_size], batch.suffix[s:s + batch_size],

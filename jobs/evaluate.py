@@ -50,10 +50,10 @@ def score_test_rows(cfg: Config, test: pa.Table, items: pa.Table, user_codes: pa
                     mf, binmf, llm, tokenizer) -> tuple[pa.Table, int]:
     """Long-format scores of MF, BinMF and BinLLM on `test`, and how many rows took the text-only fallback."""
     from binllm.encoder import score_pairs
-    from binllm.llm import answer_token_id, score_prompts
+    from binllm.llm import answer_tokens, score_prompts
 
     prompts = build_prompts(test, items, user_codes, item_codes, cfg.prompt)
-    answer_id = answer_token_id(tokenizer, prompts.texts[0], cfg.llm.answer)
+    answer_id = answer_tokens(tokenizer, prompts.texts[0], cfg.llm.answer, cfg.llm.negative_answer)
     llm_logits = score_prompts(llm, tokenizer, prompts.prefix, prompts.suffix, answer_id=answer_id,
                                shared_prefix=cfg.score.shared_prefix, max_batch_tokens=cfg.score.max_batch_tokens)
     users, item_ids = test.column("user_id"), test.column("item_id")

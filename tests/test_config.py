@@ -57,3 +57,21 @@ def test_ray_config_yaml_documents_every_key():
     with open("ray_config.yaml") as handle:
         documented = keys(yaml.safe_load(handle))
     assert documented == keys(dataclasses.asdict(Config()))
+
+
+def test_config_files_layer_and_mapping_overrides_merge(tmp_path):
+    base, preset = tmp_path / "base.yaml", tmp_path / "preset.yaml"
+    base.write_text("tune:\n  stage1: {lr: 0.5, epochs: 3}\nencoder: {dim: 16}\n")
+    preset.write_text("tune:\n  stage1: {epochs: 7}\n")
+    cfg = load_config([base, preset], ["tune.stage1={micro_batch_tokens: -1}"])
+    assert (cfg.tune.stage1.lr, cfg.tune.stage1.epochs, cfg.tune.stage1.micro_batch_tokens) == (0.5, 7, -1)
+    assert cfg.encoder.dim == 16
+
+
+def test_paper_presets_load_with_the_official_settings():
+    cfg = load_config(["ray_config.yaml", "cluster/presets/paper_ml1m.yaml", "cluster/presets/paper_ml1m_gpu.yaml"])
+    assert (cfg.data.warm_min_train, cfg.encoder.vocabulary, cfg.encoder.shared_mask) == (4, "all", True)
+    assert (cfg.encoder.weight_decay, cfg.encoder.patience, cfg.encoder.mf_dim) == (0.001, 100, 256)
+    assert cfg.prompt.code_format == "binary" and cfg.tune.stage2.micro_batch_tokens == -1
+    cpu = load_config(["ray_config.yaml", "cluster/presets/paper_ml1m.yaml", "cluster/presets/paper_ml1m_cpu.yaml"])
+    assert cpu.tune.stage1.max_train_rows > 0 and cpu.paper.max_test_rows > 0

@@ -129,3 +129,15 @@ def test_bad_inputs_name_file_and_column(tmp_path):
         read_grouplens(tmp_path)
     with pytest.raises(DataError, match=r"u\.data: file not found|no GroupLens"):
         read_grouplens(tmp_path / "nowhere")
+
+
+def test_warm_min_train_counts_train_rows_per_user_and_item():
+    # user a: 3 train rows, user b: 1; item 1: 2 train rows, item 2: 2, item 9: 0.
+    inter = _interactions(["a", "a", "a", "b", "a", "b"], [1, 2, 1, 2, 2, 9], [5] * 6, [1, 2, 3, 4, 10, 11])
+    cfg = DataConfig()
+    cfg.split.kind, cfg.split.valid_start, cfg.split.test_start = "timestamps", 5, 10
+    assert prepare_examples(inter, cfg).column("warm").to_pylist()[-2:] == [True, False]
+    cfg.warm_min_train = 3  # only user a has 3 train rows, and no item has
+    assert not any(prepare_examples(inter, cfg).column("warm").to_pylist())
+    cfg.warm_min_train = 2
+    assert prepare_examples(inter, cfg).column("warm").to_pylist()[-2:] == [True, False]

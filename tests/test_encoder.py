@@ -240,3 +240,31 @@ def test_encoder_and_code_tables_on_s3(binmf, planted, s3_bucket):
                           score_pairs(binmf, rows.column("user_id"), rows.column("item_id")))
     users, items = read_code_tables(f"{s3_bucket}/run/codes")
     assert users.equals(export_codes(binmf)[0]) and items.equals(export_codes(binmf)[1])
+
+
+def test_vocabulary_all_gives_every_id_a_code(planted):
+    new = planted.slice(0, 1)
+    for name, value in (("user_id", "u_new"), ("item_id", "i_new"), ("split", "valid")):
+        new = new.set_column(new.schema.get_field_index(name), name, pa.array([value], new.schema.field(name).type))
+    examples = pa.concat_tables([planted, new])
+    train_users = set(split(examples, "train").column("user_id").to_pylist())
+    all_users = set(examples.column("user_id").to_pylist())
+    cfg = EncoderConfig(max_epochs=2, patience=5, vocabulary="all", shared_mask=True, anneal_epochs=2)
+    result = train_encoder(examples, cfg, kind="binary", seed=0)
+    users, items = export_codes(result)
+    assert set(users.column("id").to_pylist()) == all_users != train_users
+    assert set(items.column("id").to_pylist()) == set(examples.column("item_id").to_pylist())
+    mf = train_encoder(examples, EncoderConfig(max_epochs=1, mf_dim=8), kind="mf", seed=0)
+    assert mf.model.dim == 8
+
+
+def test_shared_mask_draws_one_hard_soft_mask_for_both_sides():
+    torch.manual_seed(0)
+    model = BinaryEncoder(4, 4, dim=8, bits=16, shared_mask=True).train()
+    users, items = torch.tensor([0, 1, 2]), torch.tensor([3, 2, 1])
+    torch.manual_seed(5)
+    logits = model(users, items, beta=0.5)
+    torch.manual_seed(5)
+    mask = torch.rand((3, 16)) < 0.5
+    expected = (model.encode("user", users, 0.5, mask) * model.encode("item", items, 0.5, mask)).sum(-1)
+    torch.testing.assert_close(logits, expected)

@@ -5,7 +5,8 @@ import torch
 
 from binllm.metrics import auc
 from binllm.train.backend import LocalBackend
-from binllm.train.loop import LoopSettings, run_training
+from binllm.train.loop import LoopSettings, TrainingDiverged, run_training
+from binllm.train.schedule import warmup_cosine
 
 g = torch.Generator().manual_seed(0)
 X = torch.randn(256, 4, generator=g)
@@ -94,3 +95,34 @@ def test_shards_cover_rows_evenly_or_exactly(world_size):
     assert len({len(s) for s in shards_even}) == 1
     assert set(np.concatenate(shards_even)) == set(range(10))
     assert sorted(np.concatenate(shards_exact).tolist()) == list(range(10))
+
+
+def test_a_nan_validation_loss_stops_training_with_a_clear_error():
+    backend, model, batches, loss_fn, _, _ = _task()
+    with pytest.raises(TrainingDiverged, match="validation loss is nan at step 8"):
+        run_training(backend, model, batches=batches, loss_fn=loss_fn,
+                     evaluate=lambda: {"auc": 0.5, "loss": float("nan")}, settings=LoopSettings(max_epochs=2))
+
+
+def test_a_nan_training_loss_stops_training_at_the_next_progress_check():
+    backend, model, batches, _, evaluate, _ = _task()
+    nan_loss = lambda m, batch, epoch: m(batch[0]).sum() * float("nan")  # noqa: E731
+    with pytest.raises(TrainingDiverged, match="training loss is nan"):
+        run_training(backend, model, batches=batches, loss_fn=nan_loss, evaluate=evaluate,
+                     settings=LoopSettings(max_epochs=1, log_every_s=0.0))
+
+
+def test_warmup_cosine_starts_ends_and_floors_where_configured():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1e-4)
+    schedule = warmup_cosine(optimizer, 1000, 0.0, warmup=200, start_factor=0.1, floor_factor=0.8)
+    lrs = []
+    for _ in range(1000):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(1e-5) and lrs[200] == pytest.approx(1e-4)
+    assert lrs[100] == pytest.approx(5.5e-5)
+    assert lrs[-1] == pytest.approx(8e-5, rel=1e-3) and min(lrs[200:]) >= 8e-5 - 1e-12
+    with pytest.raises(ValueError, match="floor_factor"):
+        warmup_cosine(optimizer, 10, 0.1, floor_factor=1.5)

@@ -13,7 +13,8 @@ from binllm.config import load_config
 from binllm.llm import load_causal_lm, score_prompts
 from binllm.prompts import build_prompts
 from binllm.train.backend import LocalBackend
-from binllm.tune import save_tuned_adapter, split_rows, train_micro_batches, tune_lora
+from binllm.config import StageConfig
+from binllm.tune import save_tuned_adapter, split_rows, stage_steps, train_micro_batches, tune_lora
 from synthetic import make_planted_examples
 
 TUNE_SETTINGS = [
@@ -84,7 +85,7 @@ def test_saved_adapter_loads_with_peft_and_scores_identically(planted, tiny_llm_
     base, _ = load_causal_lm(tiny_llm_dir)
     loaded = PeftModel.from_pretrained(base, folder).eval()
     prompts, rows = _valid_prompts(planted, cfg)
-    kwargs = dict(answer_id=result.answer_id, shared_prefix=False)
+    kwargs = dict(answer_id=result.answer, shared_prefix=False)
     tuned_scores = score_prompts(result.model.eval(), tokenizer, prompts.prefix, prompts.suffix, **kwargs)
     loaded_scores = score_prompts(loaded, tokenizer, prompts.prefix, prompts.suffix, **kwargs)
     np.testing.assert_allclose(loaded_scores, tuned_scores, rtol=1e-5, atol=1e-5)
@@ -118,3 +119,32 @@ def test_tuning_without_validation_rows_names_the_problem(planted, tiny_llm_dir)
     with pytest.raises(ValueError, match="valid rows"):
         tune_lora(train_only, items, user_codes, item_codes, load_config(None, TUNE_SETTINGS),
                   model=model, tokenizer=tokenizer)
+
+
+def test_token_budget_micro_batches_fit_the_budget_and_split_evenly_over_ranks():
+    lengths = np.random.default_rng(2).integers(20, 300, 1000)
+    one = train_micro_batches(lengths, LocalBackend(), 8, 1, seed=1, epoch=0, micro_batch_tokens=2048)
+    assert all(len(b) * int(lengths[b].max()) <= 2048 for b in one)
+    rows = np.concatenate(one)
+    assert len(np.unique(rows)) == len(rows) == 1000  # grad_accum 1, one rank: nothing dropped
+    assert np.mean([len(b) for b in one]) > 2048 / 300  # batches are filled, not one row each
+
+    class Rank(LocalBackend):
+        def __init__(self, rank):
+            super().__init__()
+            self.rank, self.world_size = rank, 2
+
+    ranks = [train_micro_batches(lengths, Rank(r), 8, 3, seed=1, epoch=0, micro_batch_tokens=2048) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) and len(ranks[0]) % 3 == 0  # same steps, whole accumulation groups
+    both = np.concatenate(ranks[0] + ranks[1])
+    assert len(np.unique(both)) == len(both)
+    assert stage_steps(1000, 2, StageConfig(micro_batch_tokens=2048, grad_accum=3), lengths, seed=1)[0] == \
+        len(ranks[0]) // 3
+
+
+def test_tuning_with_a_token_budget_matches_its_planned_steps(planted, tiny_llm_dir):
+    result, _, _ = _tune(planted, tiny_llm_dir, "tune.mode=intuitive", "tune.stage2.micro_batch_tokens=1200",
+                         "tune.stage2.eval_every=0")
+    (stage,) = result.stages
+    assert stage.steps > 0 and stage.history[-1]["step"] == stage.steps
+    assert stage.padded_tokens <= 1200 * stage.steps

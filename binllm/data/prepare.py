@@ -87,6 +87,17 @@ def histories(users: np.ndarray, positives: np.ndarray, max_len: int) -> tuple[n
     return offsets.astype(np.int32), flat
 
 
+def warm_flags(user_ids: pa.Array, item_ids: pa.Array, train: np.ndarray, min_train: int) -> np.ndarray:
+    """A row is warm when its user and its item each have at least `min_train` train-split rows
+    (1: both seen in train; the official BinLLM code uses more than 3, i.e. 4)."""
+    def enough(ids: pa.Array) -> np.ndarray:
+        counts = pc.value_counts(pc.filter(ids, pa.array(train)))
+        frequent = pc.filter(counts.field("values"), pc.greater_equal(counts.field("counts"), min_train))
+        return pc.is_in(ids, value_set=frequent).to_numpy(zero_copy_only=False)
+
+    return enough(user_ids) & enough(item_ids)
+
+
 def prepare_examples(interactions: pa.Table, cfg: DataConfig) -> pa.Table:
     """Labelled, time-split examples with histories and warm flags, sorted by time (see EXAMPLES)."""
     if interactions.num_rows == 0:
@@ -112,11 +123,7 @@ def prepare_examples(interactions: pa.Table, cfg: DataConfig) -> pa.Table:
     inverse[by_user] = np.arange(len(by_user))
     history = pc.take(history_by_user, pa.array(inverse))
 
-    train = split == 0
-    train_users = pa.array(np.unique(users[train]).tolist(), type=pa.string())
-    train_items = pc.unique(pc.filter(items, pa.array(train)))
-    warm = (pc.is_in(rows.column("user_id"), value_set=train_users).to_numpy(zero_copy_only=False)
-            & pc.is_in(items, value_set=train_items).to_numpy(zero_copy_only=False))
+    warm = warm_flags(rows.column("user_id").combine_chunks(), items, split == 0, cfg.warm_min_train)
     return pa.table({
         "user_id": rows.column("user_id"),
         "item_id": items,

@@ -50,12 +50,14 @@ class BinaryEncoder(nn.Module):
     """BinMF: MF embeddings (no biases) hashed into `bits` ±1 digits per side; logit = <h_u, h_i>.
 
     Training anneals from soft to hard codes: each element is the tanh value with probability 1 - beta
-    and the straight-through sign with probability beta. Evaluation (model.eval()) always uses hard codes.
+    and the straight-through sign with probability beta (shared_mask: one draw per row and bit serves the
+    user and the item side, as in the official code). Evaluation (model.eval()) always uses hard codes.
     """
 
-    def __init__(self, n_users: int, n_items: int, dim: int = 32, bits: int = 32):
+    def __init__(self, n_users: int, n_items: int, dim: int = 32, bits: int = 32, shared_mask: bool = False):
         super().__init__()
         self.n_users, self.n_items, self.dim, self.bits = n_users, n_items, dim, bits
+        self.shared_mask = shared_mask
         self.user_embedding = _embedding(n_users, dim)
         self.item_embedding = _embedding(n_items, dim)
         self.user_hash = HashingLayer(dim, bits)
@@ -68,8 +70,10 @@ class BinaryEncoder(nn.Module):
             return self.item_embedding, self.item_hash
         raise ValueError(f"side must be 'user' or 'item', got {side!r}")
 
-    def encode(self, side: Side, idx: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-        """The codes of rows `idx`: hard in eval mode; annealed (share `beta` hard) in training mode."""
+    def encode(self, side: Side, idx: torch.Tensor, beta: float = 1.0,
+               take_hard: torch.Tensor | None = None) -> torch.Tensor:
+        """The codes of rows `idx`: hard in eval mode; annealed (share `beta` hard, or where `take_hard`)
+        in training mode."""
         table, hashing = self._side(side)
         soft = hashing.soft(table(idx))
         hard = sign_ste(soft)
@@ -77,11 +81,15 @@ class BinaryEncoder(nn.Module):
             return hard
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must lie in [0, 1], got {beta}")
-        take_hard = torch.rand(soft.shape, device=soft.device) < beta
+        if take_hard is None:
+            take_hard = torch.rand(soft.shape, device=soft.device) < beta
         return torch.where(take_hard, hard, soft)
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-        return (self.encode("user", user_idx, beta) * self.encode("item", item_idx, beta)).sum(-1)
+        mask = None
+        if self.training and self.shared_mask:
+            mask = torch.rand((*user_idx.shape, self.bits), device=user_idx.device) < beta
+        return (self.encode("user", user_idx, beta, mask) * self.encode("item", item_idx, beta, mask)).sum(-1)
 
     @torch.no_grad()
     def codes(self, side: Side) -> torch.Tensor:

@@ -47,9 +47,9 @@ class EncoderResult:
 
 def build_model(kind: EncoderKind, n_users: int, n_items: int, cfg: EncoderConfig) -> BinaryEncoder | MatrixFactorization:
     if kind == "binary":
-        return BinaryEncoder(n_users, n_items, dim=cfg.dim, bits=cfg.bits)
+        return BinaryEncoder(n_users, n_items, dim=cfg.dim, bits=cfg.bits, shared_mask=cfg.shared_mask)
     if kind == "mf":
-        return MatrixFactorization(n_users, n_items, dim=cfg.dim)
+        return MatrixFactorization(n_users, n_items, dim=cfg.mf_dim or cfg.dim)
     raise ValueError(f"encoder kind must be 'binary' or 'mf', got {kind!r}")
 
 
@@ -83,7 +83,9 @@ def train_encoder(
 ) -> EncoderResult:
     """Trains BinMF (`kind="binary"`) or MF (`kind="mf"`) on the train split, early-stopping on validation AUC.
 
-    The vocabularies are the users and items of the train split. Validation AUC (the early-stopping
+    The vocabularies are the users and items of the train split (cfg.vocabulary "train"), or of every
+    split ("all", the official code: ids never seen in training get rows that only weight decay moves,
+    so they still get a code). Validation AUC (the early-stopping
     signal) is taken over the valid rows whose user and item both have an embedding: rows of new users
     or items score a constant, which only adds noise. cfg.batch_size is the global batch: each of the
     backend's ranks takes ceil(batch_size / world_size) rows per step. MF uses cfg.mf_lr and
@@ -98,8 +100,9 @@ def train_encoder(
     if valid.num_rows == 0 or valid_labels.min() == valid_labels.max():
         raise ValueError("examples: split 'valid' needs rows of both labels (0 and 1) for early stopping on AUC")
 
-    user_ids = build_vocabulary(as_string_array(train.column("user_id"), "examples column 'user_id'"))
-    item_ids = build_vocabulary(as_string_array(train.column("item_id"), "examples column 'item_id'"))
+    vocabulary_rows = train if cfg.vocabulary == "train" else examples
+    user_ids = build_vocabulary(as_string_array(vocabulary_rows.column("user_id"), "examples column 'user_id'"))
+    item_ids = build_vocabulary(as_string_array(vocabulary_rows.column("item_id"), "examples column 'item_id'"))
     device = backend.device
 
     def indexed(table: pa.Table, rows: np.ndarray | None = None) -> tuple[torch.Tensor, ...]:

@@ -4,11 +4,22 @@ from binllm.llm.loading import load_causal_lm, load_tokenizer
 from binllm.llm.lora import apply_lora, load_adapter, save_adapter
 from binllm.llm.scoring import score_encoded, score_prompts
 from binllm.llm.tiny import build_tiny_llm
-from binllm.llm.tokens import EncodedPrompts, answer_token_id, encode_prompt_parts, encode_prompts
+from binllm.llm.tokens import (
+    AnswerTokens,
+    EncodedPrompts,
+    answer_token_id,
+    answer_tokens,
+    as_answer_tokens,
+    encode_prompt_parts,
+    encode_prompts,
+)
 
 __all__ = [
+    "AnswerTokens",
     "EncodedPrompts",
     "answer_token_id",
+    "answer_tokens",
+    "as_answer_tokens",
     "apply_lora",
     "build_tiny_llm",
     "collate_prompts",

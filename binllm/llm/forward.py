@@ -1,12 +1,15 @@
 """Batches of prompts in, the answer token's logit at each prompt's last position out."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+
+from binllm.llm.tokens import AnswerTokens, as_answer_tokens
 
 
 def collate_prompts(token_id_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,26 +33,60 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def yes_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_id: int
-) -> torch.Tensor:
-    """Differentiable answer-token logit at the last position of each left-padded prompt: float32 [B].
+def _training_attention_kernels(device: torch.device):
+    """On CUDA, SDPA without the cuDNN backend. Its backward returns NaN query gradients when a mask is
+    given, the sequence length is 64 mod 128 and a query row is fully masked (left padding), on H100/H200
+    with torch 2.11 (pytorch/pytorch#196678): seen here as LoRA tuning turning NaN mid-epoch. The memory-
+    efficient and flash kernels are clean, and at these lengths no slower."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    Goes through the model's own forward with `logits_to_keep=1`, so the vocabulary projection covers
-    one position per row, and wrappers (PEFT, DDP, DeepSpeed engines) see a normal forward call.
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def yes_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    answer_id: int | AnswerTokens,
+) -> torch.Tensor:
+    """Differentiable click score at the last position of each left-padded prompt: float32 [B].
+
+    The score is `AnswerHead`'s: the "Yes" logit, minus the "No" logit when `answer_id` names one, computed
+    in float32 from the final hidden state. It goes through the model's own forward with `logits_to_keep=1`,
+    so wrappers (PEFT, DDP, DeepSpeed engines) see a normal forward call. A forward pre-hook on the output
+    embeddings takes their input there (where ZeRO-3 has gathered the head's weight), so the score is the
+    scorers' float32 math, not the model-dtype vocabulary logits (bf16 rounds a logit of 14 to steps of 0.06).
     """
     if input_ids.shape != attention_mask.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ")
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("yes_logits expects left-padded batches: every row's last position must be a real token")
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions_from_mask(attention_mask),
-        use_cache=False,
-        logits_to_keep=1,
-    )
-    return out.logits[:, -1, answer_id].float()
+    causal_lm = unwrap_causal_lm(model)
+    head_module = causal_lm.get_output_embeddings()
+    answer = as_answer_tokens(answer_id)
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    captured: list[torch.Tensor] = []
+
+    def capture(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        captured.append(AnswerHead.from_module(module, answer, softcap)(inputs[0][:, -1]))
+
+    handle = head_module.register_forward_pre_hook(capture)
+    try:
+        with _training_attention_kernels(input_ids.device):
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions_from_mask(attention_mask),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"the output embeddings ran {len(captured)} times in one forward; expected once")
+    return captured[0]
 
 
 def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
@@ -62,26 +99,39 @@ def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
 
 
 class AnswerHead:
-    """The answer token's row of the LM head: hidden states [N, H] -> answer logits float32 [N].
+    """Hidden states [N, H] -> click scores float32 [N]: the answer token's logit ("Yes"), minus the negative
+    token's ("No") when one is given, i.e. the log-odds of a softmax over the two answers.
 
-    Projecting onto one vocabulary row instead of the whole vocabulary is what makes last-position
-    scoring cheap; final-logit soft-capping (Gemma-2 style configs) is applied when configured.
+    Only the answer rows of the LM head are used, in float32 (final-logit soft-capping, Gemma-2 style, is
+    applied to each logit first), which is what makes last-position scoring cheap and bf16-safe.
     """
 
-    def __init__(self, causal_lm: PreTrainedModel, answer_id: int):
+    def __init__(self, causal_lm: PreTrainedModel, answer_id: int | AnswerTokens):
         head = causal_lm.get_output_embeddings()
+        answer = as_answer_tokens(answer_id)
         vocab = head.weight.shape[0]
-        if not 0 <= answer_id < vocab:
-            raise ValueError(f"answer_id {answer_id} is outside the model's vocabulary of {vocab} tokens")
-        self.weight = head.weight[answer_id]
-        self.bias = head.bias[answer_id] if getattr(head, "bias", None) is not None else None
-        self.softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        for token in answer.ids:
+            if not 0 <= token < vocab:
+                raise ValueError(f"answer token {token} is outside the model's vocabulary of {vocab} tokens")
+        self._init(head, answer, getattr(causal_lm.config, "final_logit_softcapping", None))
+
+    @classmethod
+    def from_module(cls, head: nn.Module, answer: AnswerTokens, softcap: float | None) -> AnswerHead:
+        self = cls.__new__(cls)
+        self._init(head, answer, softcap)
+        return self
+
+    def _init(self, head: nn.Module, answer: AnswerTokens, softcap: float | None) -> None:
+        rows = list(answer.ids)
+        self.weight = head.weight[rows].float()  # [A, H], A = 1 or 2
+        bias = getattr(head, "bias", None)
+        self.bias = bias[rows].float() if bias is not None else None
+        self.softcap = softcap
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = hidden.to(self.weight.dtype) @ self.weight
+        logits = hidden.float() @ self.weight.T
         if self.bias is not None:
             logits = logits + self.bias
-        logits = logits.float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return logits[:, 0] - logits[:, 1] if logits.shape[1] == 2 else logits[:, 0]

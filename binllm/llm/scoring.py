@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from binllm.llm.batching import length_buckets
 from binllm.llm.forward import AnswerHead, collate_prompts, positions_from_mask, unwrap_causal_lm
 from binllm.llm.shared_prefix import score_shared_prefix
-from binllm.llm.tokens import EncodedPrompts, encode_prompt_parts
+from binllm.llm.tokens import AnswerTokens, EncodedPrompts, encode_prompt_parts
 
 DEFAULT_MAX_BATCH_TOKENS = 8192
 DEFAULT_MAX_ROW_TOKENS = 256
@@ -40,17 +40,12 @@ def score_full_prompts(
 
 @contextlib.contextmanager
 def _inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no LoRA dropout) and no autograd; bf16 autocast for an fp32 model on CUDA."""
+    """Eval mode (no LoRA dropout) and no autograd. No autocast: the model's dtype is the compute dtype
+    (load it in bf16 for speed, float32 for a reference)."""
     was_training = model.training
-    parameter = next(model.parameters())
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if parameter.device.type == "cuda" and parameter.dtype == torch.float32
-        else contextlib.nullcontext()
-    )
     model.eval()
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode():
             yield
     finally:
         model.train(was_training)
@@ -60,7 +55,7 @@ def score_encoded(
     model: nn.Module,
     encoded: EncodedPrompts,
     *,
-    answer_id: int,
+    answer_id: int | AnswerTokens,
     pad_id: int,
     shared_prefix: bool = True,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
@@ -88,7 +83,7 @@ def score_prompts(
     prefixes: Sequence[str],
     suffixes: Sequence[str],
     *,
-    answer_id: int,
+    answer_id: int | AnswerTokens,
     shared_prefix: bool = True,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     max_row_tokens: int = DEFAULT_MAX_ROW_TOKENS,

@@ -59,6 +59,37 @@ def encode_prompts(
     return encode_prompt_parts(tokenizer, prefixes, suffixes).sequences()
 
 
+@dataclass(frozen=True)
+class AnswerTokens:
+    """The tokens a click score is read from: the "Yes" token, and optionally the "No" token.
+
+    With `no`, the score is logit(yes) - logit(no), the log-odds of a softmax over the two answers; it
+    starts near 0 for a pretrained LLM, whereas the raw "Yes" logit of one starts near +14 and tuning must
+    first spend its steps learning that offset. Without, it is the raw "Yes" logit (the paper's code).
+    """
+
+    yes: int
+    no: int | None = None
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return (self.yes,) if self.no is None else (self.yes, self.no)
+
+
+def as_answer_tokens(answer: int | AnswerTokens) -> AnswerTokens:
+    """A bare token id means the raw logit of that token."""
+    return answer if isinstance(answer, AnswerTokens) else AnswerTokens(int(answer))
+
+
+def answer_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str, yes: str = " Yes", no: str = " No") -> AnswerTokens:
+    """The tokens that follow `prompt` for the answers `yes` and `no` (empty `no`: raw "Yes" logit scores)."""
+    yes_id = answer_token_id(tokenizer, prompt, yes)
+    no_id = answer_token_id(tokenizer, prompt, no) if no else None
+    if no_id == yes_id:
+        raise ValueError(f"answers {yes!r} and {no!r} begin with the same token {yes_id}; they cannot be told apart")
+    return AnswerTokens(yes_id, no_id)
+
+
 def answer_token_id(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str = " Yes") -> int:
     """The first token the tokenizer produces for `answer` when it follows `prompt`.
 

@@ -10,7 +10,7 @@ import torch
 
 from binllm import sources, storage
 from binllm.config import Config
-from binllm.llm import answer_token_id, load_adapter, load_causal_lm, score_prompts
+from binllm.llm import AnswerTokens, answer_tokens, load_adapter, load_causal_lm, score_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +55,17 @@ class Scorer:
             torch.set_num_threads(max(1, int(round(cfg.score.cpus_per_actor))))
         self.spec = spec
         self.model, self.tokenizer = load_scoring_model(cfg, spec.adapter, "cuda" if use_gpu else "cpu")
-        self.answer_id: int | None = None
+        self.answer: AnswerTokens | None = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         prefixes = batch.column("prefix").to_pylist()
         suffixes = batch.column("suffix").to_pylist()
-        if self.answer_id is None and n:
-            self.answer_id = answer_token_id(self.tokenizer, prefixes[0] + suffixes[0], self.spec.cfg.llm.answer)
+        if self.answer is None and n:
+            llm = self.spec.cfg.llm
+            self.answer = answer_tokens(self.tokenizer, prefixes[0] + suffixes[0], llm.answer, llm.negative_answer)
         logits = (
-            score_prompts(self.model, self.tokenizer, prefixes, suffixes, answer_id=self.answer_id,
+            score_prompts(self.model, self.tokenizer, prefixes, suffixes, answer_id=self.answer,
                           shared_prefix=self.spec.cfg.score.shared_prefix,
                           max_batch_tokens=self.spec.cfg.score.max_batch_tokens)
             if n else np.zeros(0, np.float32)

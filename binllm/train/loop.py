@@ -19,6 +19,10 @@ from binllm.train.backend import Backend
 log = logging.getLogger(__name__)
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss or the validation loss became NaN or infinite."""
+
+
 @dataclass
 class LoopSettings:
     max_epochs: int = 1
@@ -69,6 +73,9 @@ def run_training(
         with torch.no_grad():
             metrics = evaluate()
         model.train()
+        if not all(math.isfinite(float(v)) for k, v in metrics.items() if k == "loss"):
+            raise TrainingDiverged(f"validation loss is {metrics['loss']} at step {state['step']}: the model "
+                                   "diverged (lower the learning rate) or a kernel produced NaN")
         auc = float(metrics["auc"])
         state["history"].append({"step": state["step"], **{k: float(v) for k, v in metrics.items()}})
         state["evaluated_at"] = state["step"]
@@ -94,9 +101,13 @@ def run_training(
         progress["loss"] = detached if progress["loss"] is None else progress["loss"] + detached
         progress["count"] += 1
         now = time.monotonic()
-        if backend.is_main and now - progress["last"] >= settings.log_every_s:
-            log.info("epoch %d, step %d: mean loss %.4f over the last %d micro-batches", state["epoch"], state["step"],
-                     progress["loss"].item() / progress["count"], progress["count"])
+        if now - progress["last"] >= settings.log_every_s:
+            mean = progress["loss"].item() / progress["count"]
+            if not math.isfinite(mean):
+                raise TrainingDiverged(f"training loss is {mean} in the micro-batches before step {state['step']}")
+            if backend.is_main:
+                log.info("epoch %d, step %d: mean loss %.4f over the last %d micro-batches", state["epoch"],
+                         state["step"], mean, progress["count"])
             progress.update(last=now, loss=None, count=0)
 
     stopped = state["stopped"]

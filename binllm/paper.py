@@ -1,0 +1,341 @@
+"""The paper's table on one data set: MF, BinMF, TO, IO, IT and two-step BinLLM, each LLM method with
+binary and with dotted codes; AUC / UAUC overall, warm and cold; validation curves and score plots.
+
+Methods (BinLLM paper, Table 2):
+- MF: the continuous MF baseline (encoder.mf_dim); BinMF: <h_u, h_i> of the binary encoder.
+- TO: LoRA on text-only prompts (TALLRec), tune.stage1 settings. It is also stage 1 of BinLLM.
+- IO: LoRA on codes-only prompts; IT: LoRA on full prompts from fresh LoRA (tune.stage2 settings).
+- BinLLM: TO's best adapter, tuned further on full prompts (tune.stage2 settings): two-step tuning.
+
+Every method writes its test scores and training history under <run dir>/paper/methods/ when it
+finishes, and a rerun of the same run skips the methods already there: the encoders can run on a CPU
+and the LLM methods on a GPU, and an interrupted run loses one method at most.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from binllm import sources, storage
+from binllm.config import Config
+from binllm.data import split_rows
+from binllm.metrics import evaluate_scores, format_report, report_table
+from binllm.prompts import build_prompts
+
+log = logging.getLogger(__name__)
+
+PAPER_DIR = "paper"
+METHODS = ("MF", "BinMF", "TO", "IO", "IT", "BinLLM")
+CODE_METHODS = ("IO", "IT", "BinLLM")
+PAPER_ML1M = {  # AUC, UAUC on ML-1M (Zhang et al. 2024, Table 2)
+    "MF": (0.6482, 0.6361), "BinMF": (0.7189, 0.6654), "TO": (0.7097, 0.6818), "IO": (0.7307, 0.6797),
+    "IT": (0.7286, 0.6842), "BinLLM": (0.7425, 0.6956),
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    method: str  # one of METHODS
+    code_format: str | None = None  # binary | dotted for IO, IT, BinLLM
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} ({self.code_format})" if self.code_format else self.method
+
+    @property
+    def slug(self) -> str:
+        return f"{self.method}-{self.code_format}" if self.code_format else self.method
+
+
+@dataclass
+class MethodResult:
+    spec: MethodSpec
+    logits: np.ndarray  # float32, one per test row, in test-row order
+    seconds: float
+    stages: list[dict] = field(default_factory=list)  # StageResult dicts (LLM methods)
+    notes: dict = field(default_factory=dict)
+
+
+def method_specs(methods: list[str], code_formats: list[str]) -> list[MethodSpec]:
+    """The configured methods in table order (BinLLM brings its stage 1, TO, along)."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"config key 'paper.methods': unknown method(s) {unknown}; expected some of {list(METHODS)}")
+    wanted = set(methods) | ({"TO"} if "BinLLM" in methods else set())
+    specs = []
+    for method in METHODS:
+        if method in wanted:
+            formats = code_formats if method in CODE_METHODS else [None]
+            specs.extend(MethodSpec(method, fmt) for fmt in formats)
+    return specs
+
+
+def run_order(specs: list[MethodSpec]) -> list[MethodSpec]:
+    """Encoders, TO, then per code format BinLLM, IT, IO: when a time budget cuts the run short, the
+    headline comparison (BinLLM against TO, IT and IO with the first format) is complete first."""
+    rank = {"MF": 0, "BinMF": 1, "TO": 2, "BinLLM": 3, "IT": 4, "IO": 5}
+    formats = list(dict.fromkeys(s.code_format for s in specs if s.code_format))
+    return sorted(specs, key=lambda s: (s.code_format is not None, formats.index(s.code_format) if s.code_format
+                                        else 0, rank[s.method]))
+
+
+def paper_uri(cfg: Config, *parts: str) -> str:
+    return storage.join_uri(cfg.run_dir(), PAPER_DIR, *parts)
+
+
+def _saved(cfg: Config, spec: MethodSpec, n_rows: int) -> MethodResult | None:
+    meta_uri = paper_uri(cfg, "methods", f"{spec.slug}.json")
+    if not storage.exists(meta_uri, cfg.storage):
+        return None
+    meta = storage.read_json(meta_uri, cfg.storage)
+    scores = storage.read_table(paper_uri(cfg, "methods", f"{spec.slug}.parquet"), cfg.storage, what="method scores")
+    logits = scores.column("logit").to_numpy(zero_copy_only=False).astype(np.float32)
+    if len(logits) != n_rows:
+        raise ValueError(f"{meta_uri}: scores for {len(logits)} test rows, this run's test sample has {n_rows}; "
+                         "remove the paper/ folder or use another run.name")
+    return MethodResult(spec, logits, meta["seconds"], meta["stages"], meta["notes"])
+
+
+def _save(cfg: Config, result: MethodResult) -> None:
+    slug = result.spec.slug
+    storage.write_table(pa.table({"logit": pa.array(result.logits, pa.float32())}),
+                        paper_uri(cfg, "methods", f"{slug}.parquet"), cfg.storage)
+    storage.write_json({"method": result.spec.name, "seconds": result.seconds, "stages": result.stages,
+                        "notes": result.notes}, paper_uri(cfg, "methods", f"{slug}.json"), cfg.storage)
+
+
+class PaperRun:
+    """The state shared by the methods of one table: data, test rows, encoders, the base LLM's location."""
+
+    def __init__(self, cfg: Config, device: str):
+        self.cfg, self.device = cfg, device
+        self.examples, self.items = self._examples()
+        self.test = split_rows(self.examples, "test", cfg.paper.max_test_rows, cfg.run.seed)
+        if self.test.num_rows == 0:
+            raise ValueError("examples: split 'test' has no rows")
+        self._binmf = None
+        self._codes: tuple[pa.Table, pa.Table] | None = None
+        self._to_adapter: dict[str, torch.Tensor] | None = None
+
+    def _examples(self) -> tuple[pa.Table, pa.Table]:
+        cfg = self.cfg
+        if storage.exists(storage.join_uri(sources.examples_uri(cfg), "examples.parquet"), cfg.storage):
+            return sources.read_examples(cfg)
+        from binllm.data import prepare_examples
+
+        interactions, items = sources.load_interactions(cfg)
+        examples = prepare_examples(interactions, cfg.data)
+        sources.write_examples(cfg, examples, items)
+        return examples, items
+
+    # --- encoders ----------------------------------------------------------------------------------
+    def binmf(self):
+        if self._binmf is None:
+            from binllm.encoder import load_encoder, train_encoder
+
+            fs, path = storage.filesystem_for(sources.encoder_uri(self.cfg), self.cfg.storage)
+            if storage.exists(storage.join_uri(sources.encoder_uri(self.cfg), "encoder.json"), self.cfg.storage):
+                self._binmf = load_encoder(path, filesystem=fs)
+            else:
+                self._binmf = train_encoder(self.examples, self.cfg.encoder, kind="binary", seed=self.cfg.run.seed)
+                sources.write_encoder_outputs(self.cfg, self._binmf)
+        return self._binmf
+
+    def codes(self) -> tuple[pa.Table, pa.Table]:
+        if self._codes is None:
+            self.binmf()
+            self._codes = sources.read_code_tables(self.cfg)
+        return self._codes
+
+    # --- methods -----------------------------------------------------------------------------------
+    def run(self, spec: MethodSpec) -> MethodResult:
+        started = time.perf_counter()
+        if spec.method in ("MF", "BinMF"):
+            return self._encoder_method(spec, started)
+        return self._llm_method(spec, started)
+
+    def _encoder_method(self, spec: MethodSpec, started: float) -> MethodResult:
+        from binllm.encoder import score_pairs, train_encoder
+
+        if spec.method == "MF":
+            encoder = train_encoder(self.examples, self.cfg.encoder, kind="mf", seed=self.cfg.run.seed)
+        else:
+            encoder = self.binmf()
+        logits = score_pairs(encoder, self.test.column("user_id"), self.test.column("item_id"))
+        history = [{"name": "encoder", "prompt_kind": "", "history": encoder.history, "best_auc": encoder.best_auc,
+                    "steps": encoder.steps, "epochs": encoder.epochs}]
+        return MethodResult(spec, np.asarray(logits, np.float32), time.perf_counter() - started, history,
+                            {"embedding_rows": [len(encoder.user_ids), len(encoder.item_ids)]})
+
+    def method_config(self, spec: MethodSpec) -> Config:
+        cfg = self.cfg
+        if spec.method == "TO":
+            return dataclasses.replace(cfg, prompt=dataclasses.replace(cfg.prompt, kind="text"),
+                                       tune=dataclasses.replace(cfg.tune, mode="intuitive", stage2=cfg.tune.stage1))
+        kind = "codes" if spec.method == "IO" else "full"
+        return dataclasses.replace(cfg, prompt=dataclasses.replace(cfg.prompt, kind=kind, code_format=spec.code_format),
+                                   tune=dataclasses.replace(cfg.tune, mode="intuitive"))
+
+    def _llm_method(self, spec: MethodSpec, started: float) -> MethodResult:
+        from binllm.llm import load_causal_lm, score_prompts
+        from binllm.tune import tune_lora
+
+        cfg = self.method_config(spec)
+        initial, earlier_stages = None, []
+        if spec.method == "BinLLM":
+            initial = self.to_adapter()
+            earlier_stages = _saved(self.cfg, MethodSpec("TO"), self.test.num_rows).stages
+        user_codes, item_codes = self.codes() if spec.method != "TO" else (None, None)
+        model, tokenizer = load_causal_lm(sources.model_folder(cfg.llm.model, cfg), dtype=cfg.llm.dtype,
+                                          device=self.device)
+        tuned = tune_lora(self.examples, self.items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer,
+                          initial_adapter=initial)
+        if spec.method == "TO":
+            self._save_to_adapter(tuned.adapter_state)
+        prompts = build_prompts(self.test, self.items, user_codes, item_codes, cfg.prompt)
+        logits = score_prompts(tuned.model, tokenizer, prompts.prefix, prompts.suffix, answer_id=tuned.answer,
+                               shared_prefix=cfg.score.shared_prefix, max_batch_tokens=cfg.score.max_batch_tokens)
+        stages = [dataclasses.asdict(s) for s in tuned.stages]
+        if spec.method == "TO":
+            stages = [{**s, "name": "stage1"} for s in stages]  # TO is BinLLM's stage 1
+        if spec.method == "BinLLM":
+            stages = earlier_stages + stages
+        notes = {"text_only_fallbacks": int(prompts.fallback.sum()), "answer": dataclasses.asdict(tuned.answer)}
+        del model, tuned
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return MethodResult(spec, logits, time.perf_counter() - started, stages, notes)
+
+    def to_adapter(self) -> dict[str, torch.Tensor]:
+        if self._to_adapter is None:
+            uri = paper_uri(self.cfg, "adapters", "TO.safetensors")
+            if not storage.exists(uri, self.cfg.storage):
+                raise ValueError("BinLLM (two-step) continues the TO adapter: run method TO first "
+                                 "(config key 'paper.methods' must list TO before BinLLM)")
+            fs, path = storage.filesystem_for(uri, self.cfg.storage)
+            with fs.open_input_stream(path) as f:
+                self._to_adapter = load_safetensors(f.read())
+        return self._to_adapter
+
+    def _save_to_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        self._to_adapter = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        _write_bytes(self.cfg, paper_uri(self.cfg, "adapters", "TO.safetensors"), save_safetensors(self._to_adapter))
+
+
+@dataclass
+class PaperTable:
+    metrics: pa.Table  # report_table rows, one per method
+    results: list[MethodResult]
+    test: pa.Table
+    text: str
+    seconds: float
+    skipped: list[str] = field(default_factory=list)  # methods left for a later run by paper.time_budget_s
+
+
+def run_paper_table(cfg: Config, device: str | None = None) -> PaperTable:
+    """Runs (or resumes) every configured method, then writes the report (see `write_report`)."""
+    started = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run = PaperRun(cfg, device)
+    specs = method_specs(cfg.paper.methods, cfg.paper.code_formats)
+    log.info("paper table: %d methods on %d test rows (%d warm), device %s", len(specs), run.test.num_rows,
+             int(np.sum(run.test.column("warm").to_numpy(zero_copy_only=False))), device)
+    done: dict[MethodSpec, MethodResult] = {}
+    skipped = []
+    for spec in run_order(specs):
+        result = _saved(cfg, spec, run.test.num_rows)
+        if result is None:
+            budget = cfg.paper.time_budget_s
+            if budget and time.perf_counter() - started > budget:
+                skipped.append(spec.name)
+                continue
+            log.info("method %s ...", spec.name)
+            result = run.run(spec)
+            _save(cfg, result)
+        scored = evaluate_scores(run.test, result.logits)
+        log.info("method %s: test AUC %.4f, UAUC %.4f (%.0f s)", spec.name, scored["all_auc"], scored["all_uauc"],
+                 result.seconds)
+        done[spec] = result
+    if skipped:
+        log.warning("paper.time_budget_s (%d s) spent: not run %s; a rerun of this run.name adds them",
+                    cfg.paper.time_budget_s, skipped)
+    results = [done[s] for s in specs if s in done]
+    metrics = report_table({r.spec.name: evaluate_scores(run.test, r.logits) for r in results})
+    table = PaperTable(metrics, results, run.test, format_report(metrics), time.perf_counter() - started, skipped)
+    write_report(cfg, table, device)
+    return table
+
+
+def _profile_notes(cfg: Config, test: pa.Table) -> list[str]:
+    notes = []
+    for name, stage in (("stage 1 (TO)", cfg.tune.stage1), ("stage 2 (IO, IT, BinLLM)", cfg.tune.stage2)):
+        if stage.max_train_rows or stage.max_valid_rows:
+            notes.append(f"LLM {name} subsampled: at most {stage.max_train_rows or 'all'} train and "
+                         f"{stage.max_valid_rows or 'all'} valid rows")
+    if cfg.paper.max_test_rows:
+        notes.append(f"test rows subsampled: {test.num_rows} (seeded)")
+    notes.append(f"warm: user and item each have >= {cfg.data.warm_min_train} train rows; codes for "
+                 f"{'every id' if cfg.encoder.vocabulary == 'all' else 'ids seen in train (others: text-only prompt)'}")
+    score = ("logit(' Yes') - logit(' No')" if cfg.llm.negative_answer else "the raw ' Yes' logit")
+    notes.append(f"LLM score: {score}; model {cfg.llm.model}, dtype {cfg.llm.dtype}")
+    return notes
+
+
+def write_report(cfg: Config, table: PaperTable, device: str) -> None:
+    """<run dir>/paper/: metrics.md, metrics.json, test_scores.parquet and the PNG plots."""
+    from binllm.plots import plot_auc_bars, plot_score_distributions, plot_validation_curves
+
+    test = table.test
+    methods = [r.spec.name for r in table.results]
+    scores = pa.concat_tables([
+        pa.table({"user_id": test.column("user_id"), "item_id": test.column("item_id"), "label": test.column("label"),
+                  "warm": test.column("warm"), "method": pa.array([r.spec.name] * test.num_rows, pa.string()),
+                  "logit": pa.array(r.logits, pa.float32())})
+        for r in table.results])
+    storage.write_table(scores, paper_uri(cfg, "test_scores.parquet"), cfg.storage)
+    rows = table.metrics.to_pylist()
+    notes = _profile_notes(cfg, test)
+    if table.skipped:
+        notes.append(f"not run within paper.time_budget_s: {', '.join(table.skipped)}")
+    machine = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    payload = {"run": cfg.run.name, "device": machine, "wall_seconds": table.seconds, "notes": notes,
+               "methods": {r["method"]: r for r in rows},
+               "seconds": {r.spec.name: r.seconds for r in table.results},
+               "stages": {r.spec.name: r.stages for r in table.results},
+               "method_notes": {r.spec.name: r.notes for r in table.results}}
+    storage.write_json(payload, paper_uri(cfg, "metrics.json"), cfg.storage)
+    lines = [f"# The paper's table: run {cfg.run.name}", "", f"Device: {machine}; wall time {table.seconds:.0f} s "
+             f"(this invocation; methods from earlier invocations are reused).", "", "```", table.text, "```", ""]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", "| method | seconds |", "|---|---|"] + [f"| {r.spec.name} | {r.seconds:.0f} |" for r in table.results]
+    _write_bytes(cfg, paper_uri(cfg, "metrics.md"), ("\n".join(lines) + "\n").encode())
+    with tempfile.TemporaryDirectory(prefix="binllm-paper-") as tmp:
+        files = {
+            "auc_bars.png": plot_auc_bars(rows, Path(tmp, "auc_bars.png")),
+            "valid_auc.png": plot_validation_curves({r.spec.name: r.stages for r in table.results},
+                                                    Path(tmp, "valid_auc.png")),
+            "score_dist.png": plot_score_distributions(
+                methods, [r.logits for r in table.results],
+                test.column("label").to_numpy(zero_copy_only=False).astype(np.int8), Path(tmp, "score_dist.png")),
+        }
+        for name, path in files.items():
+            _write_bytes(cfg, paper_uri(cfg, name), Path(path).read_bytes())
+
+
+def _write_bytes(cfg: Config, uri: str, data: bytes) -> None:
+    fs, path = storage.filesystem_for(uri, cfg.storage)
+    if not storage.is_s3(uri):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(data)

@@ -1,0 +1,86 @@
+"""PNG plots of an evaluation: AUC bars per method (all / warm / cold), validation AUC per training step,
+score distributions by label. matplotlib's Agg backend: no display needed."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_auc_bars(rows: list[dict], path: Path) -> Path:
+    """Grouped bars: AUC over all, warm and cold test rows, one group per method (rows of report_table)."""
+    plt = _pyplot()
+    methods = [r["method"] for r in rows]
+    x = np.arange(len(methods))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(methods) + 2), 4.2))
+    for offset, (key, label) in zip((-0.27, 0.0, 0.27), (("all_auc", "all"), ("warm_auc", "warm"), ("cold_auc", "cold"))):
+        values = [r[key] if r[key] is not None and not math.isnan(r[key]) else 0.0 for r in rows]
+        bars = ax.bar(x + offset, values, width=0.27, label=label)
+        ax.bar_label(bars, labels=[f"{v:.3f}" if v else "-" for v in values], fontsize=6, rotation=90, padding=2)
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xticks(x, methods, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0.4, 1.0)
+    ax.set_ylabel("test AUC")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_validation_curves(stages_by_method: dict[str, list[dict]], path: Path) -> Path:
+    """Validation AUC per optimizer step for every LLM training stage (stage 2 continues stage 1's steps)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for method, stages in stages_by_method.items():
+        offset = 0
+        for stage in stages:
+            history = [h for h in stage.get("history", []) if "auc" in h]
+            if not stage.get("prompt_kind") or not history:
+                continue  # encoders: epochs, not LLM steps
+            steps = [offset + h["step"] for h in history]
+            ax.plot(steps, [h["auc"] for h in history], marker=".", markersize=3, linewidth=1,
+                    label=f"{method}: {stage['name']} ({stage['prompt_kind']})")
+            offset = steps[-1]
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation AUC")
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_score_distributions(methods: list[str], logits: list[np.ndarray], labels: np.ndarray, path: Path) -> Path:
+    """One panel per method: histograms of the test scores of clicked (1) and not clicked (0) rows."""
+    plt = _pyplot()
+    cols = min(3, len(methods))
+    rows = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.4 * rows), squeeze=False)
+    for ax, method, scores in zip(axes.flat, methods, logits):
+        scores = np.asarray(scores, dtype=np.float64)
+        bins = np.histogram_bin_edges(scores, bins=40)
+        for value, color in ((0, "tab:red"), (1, "tab:blue")):
+            ax.hist(scores[labels == value], bins=bins, alpha=0.5, color=color, density=True, label=f"label {value}")
+        ax.set_title(method, fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,83 @@
+"""The paper-table job on planted data with the tiny LLM: every method, the report files, reuse on rerun."""
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from binllm.config import load_config
+from binllm.paper import MethodSpec, method_specs, run_order, run_paper_table
+from synthetic import make_planted_examples
+
+STAGE = {"epochs": 1, "micro_batch_size": 16, "max_train_rows": 96, "max_valid_rows": 32, "eval_every": 3,
+         "lr": 0.01}
+
+
+@pytest.fixture(scope="module")
+def paper_cfg(tmp_path_factory, tiny_llm_dir):
+    root = tmp_path_factory.mktemp("paper")
+    examples, items = make_planted_examples(n_users=60, n_items=40, n_rows=1500, seed=3, history_len=3)
+    pq.write_table(examples.select(["user_id", "item_id", "label", "timestamp"]), root / "interactions.parquet")
+    pq.write_table(items, root / "items.parquet")
+    stage = ",".join(f"{k}: {v}" for k, v in STAGE.items())
+    return load_config(["ray_config.yaml", "cluster/presets/paper_ml1m.yaml"], [
+        f"run.output_root={root / 'runs'}", "run.name=paper-test",
+        "data.format=table", f"data.interactions={root / 'interactions.parquet'}",
+        f"data.items={root / 'items.parquet'}", "data.columns.rating=", "data.columns.label=label",
+        "data.split.kind=fractions", "data.history_len=3",
+        "encoder.max_epochs=30", "encoder.patience=5", "encoder.anneal_epochs=10", "encoder.mf_dim=16",
+        f"llm.model={tiny_llm_dir}", "paper.max_test_rows=60",
+        f"tune.stage1={{{stage}}}", f"tune.stage2={{{stage}}}",
+    ])
+
+
+@pytest.fixture(scope="module")
+def paper_run(paper_cfg):
+    return run_paper_table(paper_cfg, device="cpu")
+
+
+def test_every_method_of_the_table_with_both_code_formats(paper_run):
+    names = [row["method"] for row in paper_run.metrics.to_pylist()]
+    assert names == ["MF", "BinMF", "TO", "IO (binary)", "IO (dotted)", "IT (binary)", "IT (dotted)",
+                     "BinLLM (binary)", "BinLLM (dotted)"]
+    assert all(row["all_rows"] == 60 for row in paper_run.metrics.to_pylist())
+    assert all(0.0 <= row["all_auc"] <= 1.0 for row in paper_run.metrics.to_pylist())
+    by_name = {r.spec.name: r for r in paper_run.results}
+    binllm = by_name["BinLLM (binary)"]
+    # Two-step: stage 1 is TO's own stage, stage 2 ran on full prompts from TO's adapter.
+    assert [(s["name"], s["prompt_kind"]) for s in binllm.stages] == [("stage1", "text"), ("stage2", "full")]
+    assert binllm.stages[0]["history"] == by_name["TO"].stages[0]["history"]
+    assert by_name["IO (dotted)"].stages[0]["prompt_kind"] == "codes"
+    assert by_name["TO"].notes["text_only_fallbacks"] == 0  # the preset codes every id
+
+
+def test_report_files(paper_cfg, paper_run):
+    folder = f"{paper_cfg.run_dir()}/paper"
+    for name in ("metrics.md", "metrics.json", "test_scores.parquet", "auc_bars.png", "valid_auc.png",
+                 "score_dist.png"):
+        assert os.path.getsize(f"{folder}/{name}") > 0, name
+    with open(f"{folder}/auc_bars.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    payload = json.loads(open(f"{folder}/metrics.json").read())
+    assert set(payload["methods"]) == {r.spec.name for r in paper_run.results}
+    assert any("warm: user and item each have >= 4 train rows" in n for n in payload["notes"])
+    scores = pq.read_table(f"{folder}/test_scores.parquet")
+    assert scores.num_rows == 9 * 60
+    md = open(f"{folder}/metrics.md").read()
+    assert "BinLLM (dotted)" in md and "LLM score: logit(' Yes') - logit(' No')" in md
+
+
+def test_rerun_reuses_finished_methods(paper_cfg, paper_run):
+    folder = f"{paper_cfg.run_dir()}/paper/methods"
+    stamps = {name: os.path.getmtime(f"{folder}/{name}") for name in os.listdir(folder)}
+    again = run_paper_table(paper_cfg, device="cpu")
+    assert {name: os.path.getmtime(f"{folder}/{name}") for name in os.listdir(folder)} == stamps
+    assert again.metrics.column("all_auc").to_pylist() == paper_run.metrics.column("all_auc").to_pylist()
+
+
+def test_run_order_puts_the_headline_comparison_first():
+    specs = method_specs(["MF", "BinMF", "IO", "IT", "BinLLM"], ["binary", "dotted"])
+    assert MethodSpec("TO") in specs  # BinLLM's stage 1
+    assert [s.name for s in run_order(specs)] == [
+        "MF", "BinMF", "TO", "BinLLM (binary)", "IT (binary)", "IO (binary)", "BinLLM (dotted)", "IT (dotted)",
+        "IO (dotted)"]
