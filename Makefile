@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
-#   make demo   installs binllm into .venv, then runs the embedded demo job (jobs/demo.py)
+#   make demo   installs binllm into .venv, then runs the embedded demo job (jobs/demo.py) with the
+#               demo preset (cluster/presets/demo_cpu.yaml: the paper's ML-1M protocol, CPU-sized)
 #   make test   installs binllm with its test extras into .venv, then runs the whole test suite
 # torch is installed first, pinned by constraints.txt, so that nothing pulls a CUDA build onto a CPU
 # machine. Where pip would find only the CUDA wheel, pass the CPU index, e.g.
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m jobs.demo $(ARGS)
+	$(PY) -m jobs.demo --config ray_config.yaml --config cluster/presets/demo_cpu.yaml $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

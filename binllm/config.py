@@ -140,7 +140,8 @@ class StageConfig:
 @dataclass
 class LLMConfig:
     model: str = "demo:smollm2-135m"  # local folder, s3:// prefix, or demo:smollm2-135m
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "tf32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU; tf32: fp32
+    # weights with TF32 matmuls on GPU
     answer: str = " Yes"
     negative_answer: str = " No"  # score = logit(answer) - logit(negative_answer); empty: the raw answer logit
 
@@ -187,6 +188,7 @@ class ScoreConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     max_batch_tokens: int = 8192
+    dtype: Literal["", "auto", "float32", "bfloat16", "tf32"] = ""  # scoring actors' llm dtype; empty: llm.dtype
 
 
 @dataclass

@@ -35,7 +35,8 @@ class ScorerSpec:
 
 def load_scoring_model(cfg: Config, adapter: str, device: str) -> tuple[torch.nn.Module, object]:
     """Base LLM (local, s3:// or demo, copied once per node) with the LoRA adapter merged in."""
-    model, tokenizer = load_causal_lm(sources.model_folder(cfg.llm.model, cfg), dtype=cfg.llm.dtype, device=device)
+    model, tokenizer = load_causal_lm(sources.model_folder(cfg.llm.model, cfg), dtype=cfg.score.dtype or cfg.llm.dtype,
+                                      device=device)
     model = load_adapter(model, storage.local_copy(adapter, storage_cfg=cfg.storage)).merge_and_unload()
     model.eval()
     return model, tokenizer

@@ -18,13 +18,13 @@ _QUIET_STEPS = 1 << 30
 
 def llm_precision(dtype: str, use_gpu: bool) -> Precision:
     """bf16 on GPU unless llm.dtype asks for float32; fp32 on CPU unless it asks for bfloat16."""
-    if dtype == "float32":
+    if dtype in ("float32", "tf32"):
         return "fp32"
     if dtype == "bfloat16":
         return "bf16"
     if dtype == "auto":
         return "bf16" if use_gpu else "fp32"
-    raise ConfigError(f"config key 'llm.dtype': expected 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    raise ConfigError(f"config key 'llm.dtype': expected 'auto', 'float32', 'tf32' or 'bfloat16', got {dtype!r}")
 
 
 def deepspeed_config(dist: DistributedConfig, *, micro_batch_size: int, grad_accum: int, world_size: int,
