@@ -29,10 +29,13 @@ def _rank_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def auc(labels, scores) -> float:
-    """ROC AUC over all rows; nan when only one class is present."""
+    """ROC AUC over all rows; nan when only one class is present or any score is NaN (a diverged model
+    must not get a rank-based AUC)."""
     labels, scores = np.asarray(labels), np.asarray(scores)
     if len(labels) != len(scores):
         raise ValueError(f"auc: {len(labels)} labels but {len(scores)} scores")
+    if np.isnan(scores.astype(np.float64, copy=False)).any():
+        return float("nan")
     return _rank_auc(labels, scores)
 
 

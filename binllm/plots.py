@@ -72,10 +72,13 @@ def plot_score_distributions(methods: list[str], logits: list[np.ndarray], label
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.4 * rows), squeeze=False)
     for ax, method, scores in zip(axes.flat, methods, logits):
         scores = np.asarray(scores, dtype=np.float64)
-        bins = np.histogram_bin_edges(scores, bins=40)
-        for value, color in ((0, "tab:red"), (1, "tab:blue")):
-            ax.hist(scores[labels == value], bins=bins, alpha=0.5, color=color, density=True, label=f"label {value}")
-        ax.set_title(method, fontsize=8)
+        finite = np.isfinite(scores)
+        ax.set_title(method if finite.all() else f"{method} ({int((~finite).sum())} non-finite)", fontsize=8)
+        if finite.any():
+            bins = np.histogram_bin_edges(scores[finite], bins=40)
+            for value, color in ((0, "tab:red"), (1, "tab:blue")):
+                ax.hist(scores[finite & (labels == value)], bins=bins, alpha=0.5, color=color, density=True,
+                        label=f"label {value}")
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(methods):]:
         ax.axis("off")

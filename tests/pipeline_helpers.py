@@ -8,7 +8,7 @@ import torch
 
 from binllm import codes, storage
 from binllm.config import load_config
-from binllm.llm import answer_token_id, apply_lora, load_adapter, load_causal_lm, save_adapter, score_prompts
+from binllm.llm import answer_tokens, apply_lora, load_adapter, load_causal_lm, save_adapter, score_prompts
 from binllm.prompts import build_prompts
 from synthetic import make_planted_examples
 
@@ -66,7 +66,7 @@ def expected_logits(cfg, rows: pa.Table, items: pa.Table, root: str) -> np.ndarr
     batch = build_prompts(rows, items, user_codes, item_codes, cfg.prompt)
     model, tokenizer = load_causal_lm(cfg.llm.model, dtype="float32")
     model = load_adapter(model, storage.local_copy(f"{root}/adapter"))
-    answer = answer_token_id(tokenizer, batch.prefix[0] + batch.suffix[0], " Yes")
+    answer = answer_tokens(tokenizer, batch.prefix[0] + batch.suffix[0], " Yes", " No")
     return score_prompts(model, tokenizer, batch.prefix, batch.suffix, answer_id=answer), batch.fallback
 
 

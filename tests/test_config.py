@@ -72,6 +72,6 @@ def test_paper_presets_load_with_the_official_settings():
     cfg = load_config(["ray_config.yaml", "cluster/presets/paper_ml1m.yaml", "cluster/presets/paper_ml1m_gpu.yaml"])
     assert (cfg.data.warm_min_train, cfg.encoder.vocabulary, cfg.encoder.shared_mask) == (4, "all", True)
     assert (cfg.encoder.weight_decay, cfg.encoder.patience, cfg.encoder.mf_dim) == (0.001, 100, 256)
-    assert cfg.prompt.code_format == "binary" and cfg.tune.stage2.micro_batch_tokens == -1
+    assert cfg.prompt.code_format == "binary" and cfg.tune.stage2.micro_batch_tokens == 16384
     cpu = load_config(["ray_config.yaml", "cluster/presets/paper_ml1m.yaml", "cluster/presets/paper_ml1m_cpu.yaml"])
     assert cpu.tune.stage1.max_train_rows > 0 and cpu.paper.max_test_rows > 0

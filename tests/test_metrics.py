@@ -45,3 +45,7 @@ def test_single_class_gives_nan_and_report_prints_dash():
     assert math.isnan(result["cold_auc"]) and result["cold_rows"] == 0
     text = format_report(report_table({"BinMF": result}))
     assert "BinMF" in text.splitlines()[2] and "-" in text.splitlines()[2]
+
+
+def test_nan_scores_get_no_auc():
+    assert np.isnan(auc([0, 1, 1], [0.1, float("nan"), 0.3]))

@@ -55,9 +55,10 @@ def yes_logits(
 
     The score is `AnswerHead`'s: the "Yes" logit, minus the "No" logit when `answer_id` names one, computed
     in float32 from the final hidden state. It goes through the model's own forward with `logits_to_keep=1`,
-    so wrappers (PEFT, DDP, DeepSpeed engines) see a normal forward call. A forward pre-hook on the output
-    embeddings takes their input there (where ZeRO-3 has gathered the head's weight), so the score is the
-    scorers' float32 math, not the model-dtype vocabulary logits (bf16 rounds a logit of 14 to steps of 0.06).
+    so wrappers (PEFT, DDP, DeepSpeed engines) see a normal forward call. Forward pre-hooks on the output
+    embeddings take their input (the final hidden state) and the answer rows of their weight, so the score
+    is the scorers' float32 math, not the model-dtype vocabulary logits (bf16 rounds a logit of 14 to steps
+    of 0.06).
     """
     if input_ids.shape != attention_mask.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ")
@@ -67,12 +68,20 @@ def yes_logits(
     head_module = causal_lm.get_output_embeddings()
     answer = as_answer_tokens(answer_id)
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    captured: list[torch.Tensor] = []
+    hidden: list[torch.Tensor] = []
+    heads: list[AnswerHead] = []
 
-    def capture(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        captured.append(AnswerHead.from_module(module, answer, softcap)(inputs[0][:, -1]))
+    def take_hidden(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        hidden.append(inputs[0][:, -1])
 
-    handle = head_module.register_forward_pre_hook(capture)
+    def take_head(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        heads.append(AnswerHead.from_module(module, answer, softcap))
+
+    # The hidden state is taken before any wrapper's pre-hook (ZeRO-3 wraps the module's inputs to run
+    # its own backward bookkeeping, which must not fire for a module whose output the loss ignores);
+    # the answer rows after them (ZeRO-3 has gathered the weight by then).
+    handles = [head_module.register_forward_pre_hook(take_hidden, prepend=True),
+               head_module.register_forward_pre_hook(take_head)]
     try:
         with _training_attention_kernels(input_ids.device):
             model(
@@ -83,10 +92,11 @@ def yes_logits(
                 logits_to_keep=1,
             )
     finally:
-        handle.remove()
-    if len(captured) != 1:
-        raise RuntimeError(f"the output embeddings ran {len(captured)} times in one forward; expected once")
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    if len(hidden) != 1 or len(heads) != 1:
+        raise RuntimeError(f"the output embeddings ran {len(hidden)} times in one forward; expected once")
+    return heads[0](hidden[0])
 
 
 def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
