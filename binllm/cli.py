@@ -1,4 +1,5 @@
-"""What every job entry point shares: `--config FILE --set key=value` parsing, logging, Ray start-up."""
+"""What every job entry point shares: `--config FILE --set key=value` parsing, logging, one-line errors,
+and the `binllm <job>` console command."""
 from __future__ import annotations
 
 import argparse
@@ -6,16 +7,25 @@ import logging
 import os
 import sys
 import warnings
-
-from typing import Any, Callable
+from types import ModuleType
 
 from binllm.config import Config, ConfigError, load_config
+from binllm.ray_env import init_ray, loopback_ray_env  # noqa: F401  (re-exported for scripts)
 
 DEFAULT_CONFIG = "ray_config.yaml"
 
 
-def parse_job_args(description: str, argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(description=description)
+def _sections_help(sections: tuple[str, ...]) -> str:
+    if not sections:
+        return ""
+    return (f"config sections this job reads: {', '.join(sections)} (every key is documented in "
+            f"{DEFAULT_CONFIG}; --set section.key=value, or --set 'section={{key: value}}')")
+
+
+def parse_job_args(description: str, argv: list[str] | None = None, *, sections: tuple[str, ...] = (),
+                   prog: str | None = None) -> Config:
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=_sections_help(sections),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=None,
                         help=f"YAML config (default: ./{DEFAULT_CONFIG}); repeat to layer presets, later files win")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -46,27 +56,6 @@ def setup_logging() -> None:
         pass
 
 
-def loopback_ray_env() -> None:
-    """Keeps a local Ray on 127.0.0.1 with no auth token; harmless when joining a real cluster."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-def init_ray(num_cpus: int | None = None):
-    """Joins the cluster named by RAY_ADDRESS (ray job submit sets it), else starts a local Ray."""
-    loopback_ray_env()
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        # address="local": a fresh local Ray even when another one runs on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
-    return ray
-
-
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors that describe bad input or configuration: shown as one line, never as a traceback."""
     from binllm.assets import AssetError
@@ -76,11 +65,29 @@ def user_errors() -> tuple[type[Exception], ...]:
     return ConfigError, DataError, StorageError, AssetError, FileNotFoundError
 
 
-def run_job(run: Callable[[Config], Any], description: str, argv: list[str] | None = None) -> None:
-    """Entry-point body: parse the config, run, and turn input errors into `error: ...` with exit code 2."""
-    cfg = parse_job_args(description, argv)
+def run_recipe(recipe: ModuleType, argv: list[str] | None = None, prog: str | None = None):
+    """Entry-point body of a job: parse the config, run the recipe, and turn input errors into
+    `error: ...` with exit code 2."""
+    cfg = parse_job_args(recipe.__doc__ or "", argv, sections=getattr(recipe, "SECTIONS", ()), prog=prog)
     try:
-        run(cfg)
+        return recipe.main(cfg)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`binllm <job> [--config FILE ...] [--set key=value ...]`, the same as `python -m jobs.<job>`."""
+    from binllm.recipes import RECIPES, load_recipe
+
+    argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: binllm <job> [--config FILE] [--set KEY=VALUE ...]\njobs: {', '.join(RECIPES)}\n"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage + "`binllm <job> --help` lists the job's config sections.")
+        raise SystemExit(0 if argv else 2)
+    try:
+        recipe = load_recipe(argv[0])
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}\n{usage}", file=sys.stderr)
+        raise SystemExit(2) from None
+    run_recipe(recipe, argv[1:], prog=f"binllm {argv[0]}")

@@ -28,6 +28,11 @@ def _rank_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """p(click) of each logit, float32 (computed in float64: no overflow warnings at |logit| > 88)."""
+    return (1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))).astype(np.float32)
+
+
 def auc(labels, scores) -> float:
     """ROC AUC over all rows; nan when only one class is present or any score is NaN (a diverged model
     must not get a rank-based AUC)."""

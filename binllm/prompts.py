@@ -13,7 +13,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from binllm.config import PromptConfig
+from binllm.data.schema import DataError
 
+# The paper's templates (BINLLM_METHOD.md, section 3), cut into the pieces that the columns fill in.
+# A prompt is a user prefix (history titles, user code) and an item suffix (target title, item code).
+HISTORY_HEAD = "#Question: A user has given high ratings to the following {plural}: "
+TEXT_PREFIX_TAIL = ". Leverage the information to predict whether the user would enjoy the {noun} titled"
+USER_CODE_HEAD = ". Additionally, we have information about the user's preferences encoded in the feature "
+FULL_PREFIX_TAIL = ". Using all available information, make a prediction about whether the user would enjoy the {noun} titled"
+CODES_PREFIX_HEAD = "#Question: We have information about the user's preferences encoded in the feature "
+CODES_PREFIX_TAIL = ". Using all available information, make a prediction about whether the user would enjoy the {noun}"
+ITEM_CODE_HEAD = " with the feature "
 ANSWER_TAIL = '? Answer with "Yes" or "No".\n#Answer:'
 
 
@@ -39,7 +49,7 @@ def _concat(*parts: pa.Array | str) -> pa.Array:
 def _require(table: pa.Table, columns: tuple[str, ...], source: str) -> None:
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise ValueError(f"{source}: missing column(s) {missing}; has {table.column_names}")
+        raise DataError(f"{source}: missing column(s) {missing}; has {table.column_names}")
 
 
 def _lookup(keys: pa.Array, ids: pa.Array, values: pa.Array) -> pa.Array:
@@ -81,7 +91,7 @@ def build_prompts(
 
     history = rows.column("history").combine_chunks()
     if not pa.types.is_list(history.type) and not pa.types.is_large_list(history.type):
-        raise ValueError(f"prompt rows: column 'history' must be a list of item ids, got {history.type}")
+        raise DataError(f"prompt rows: column 'history' must be a list of item ids, got {history.type}")
     flat_ids = pc.list_flatten(history).cast(pa.string())
     flat_titles, missing_hist = _titles(flat_ids, items)
     offsets = pc.list_value_length(history).fill_null(0).to_numpy(zero_copy_only=False)
@@ -97,7 +107,7 @@ def build_prompts(
     fallback = np.zeros(n, dtype=bool)
     if kind != "text":
         if user_codes is None or item_codes is None:
-            raise ValueError(f"prompt kind {kind!r} needs user and item code tables")
+            raise DataError(f"prompt kind {kind!r} needs user and item code tables")
         column = cfg.code_format
         _require(user_codes, ("id", column), "user code table")
         _require(item_codes, ("id", column), "item code table")
@@ -108,24 +118,18 @@ def build_prompts(
                     | pc.is_null(item_code).to_numpy(zero_copy_only=False))
         user_code, item_code = user_code.fill_null(""), item_code.fill_null("")
 
-    text_prefix = _concat(
-        f"#Question: A user has given high ratings to the following {plural}: ", history_text,
-        f". Leverage the information to predict whether the user would enjoy the {noun} titled")
+    head = HISTORY_HEAD.format(plural=plural)
+    text_prefix = _concat(head, history_text, TEXT_PREFIX_TAIL.format(noun=noun))
     text_suffix = _concat(" ", target, ANSWER_TAIL)
     if kind == "text":
         prefix, suffix = text_prefix, text_suffix
     else:
         if kind == "full":
-            prefix = _concat(
-                f"#Question: A user has given high ratings to the following {plural}: ", history_text,
-                ". Additionally, we have information about the user's preferences encoded in the feature ", user_code,
-                f". Using all available information, make a prediction about whether the user would enjoy the {noun} titled")
-            suffix = _concat(" ", target, " with the feature ", item_code, ANSWER_TAIL)
+            prefix = _concat(head, history_text, USER_CODE_HEAD, user_code, FULL_PREFIX_TAIL.format(noun=noun))
+            suffix = _concat(" ", target, ITEM_CODE_HEAD, item_code, ANSWER_TAIL)
         else:
-            prefix = _concat(
-                "#Question: We have information about the user's preferences encoded in the feature ", user_code,
-                f". Using all available information, make a prediction about whether the user would enjoy the {noun}")
-            suffix = _concat(" with the feature ", item_code, ANSWER_TAIL)
+            prefix = _concat(CODES_PREFIX_HEAD, user_code, CODES_PREFIX_TAIL.format(noun=noun))
+            suffix = _concat(ITEM_CODE_HEAD, item_code, ANSWER_TAIL)
         mask = pa.array(fallback)
         prefix = pc.if_else(mask, text_prefix, prefix)
         suffix = pc.if_else(mask, text_suffix, suffix)

@@ -21,9 +21,7 @@ rows belong to the live run.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import fcntl
 import hashlib
 import json
 import logging
@@ -34,12 +32,15 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from binllm.cache import default_cache_dir, file_lock
+from binllm.config import StorageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -80,23 +81,22 @@ def _setting(configured: str | None, *env_names: str) -> str | None:
     return None
 
 
-def resolve_s3_settings(storage_cfg: Any = None) -> dict[str, Any]:
+def resolve_s3_settings(storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
     """endpoint_url, region, access_key_id, secret_access_key, session_token, anon: the configured value, else
     the AWS variable of this process. Jobs resolve them once in the driver and hand them to workers, whose
     environment may lack the variables."""
-    configured_key = getattr(storage_cfg, "access_key_id", None)
+    cfg = storage_cfg or StorageConfig()
     return {
-        "endpoint_url": _setting(getattr(storage_cfg, "endpoint_url", None), "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
-        "region": _setting(getattr(storage_cfg, "region", None), "AWS_REGION", "AWS_DEFAULT_REGION"),
-        "access_key_id": _setting(configured_key, "AWS_ACCESS_KEY_ID"),
-        "secret_access_key": _setting(getattr(storage_cfg, "secret_access_key", None), "AWS_SECRET_ACCESS_KEY"),
-        "session_token": getattr(storage_cfg, "session_token", None)
-        or (None if configured_key else os.environ.get("AWS_SESSION_TOKEN")),
-        "anon": bool(getattr(storage_cfg, "anon", False)),
+        "endpoint_url": _setting(cfg.endpoint_url, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+        "region": _setting(cfg.region, "AWS_REGION", "AWS_DEFAULT_REGION"),
+        "access_key_id": _setting(cfg.access_key_id, "AWS_ACCESS_KEY_ID"),
+        "secret_access_key": _setting(cfg.secret_access_key, "AWS_SECRET_ACCESS_KEY"),
+        "session_token": cfg.session_token or (None if cfg.access_key_id else os.environ.get("AWS_SESSION_TOKEN")),
+        "anon": bool(cfg.anon),
     }
 
 
-def s3_filesystem(storage_cfg: Any = None) -> pafs.S3FileSystem:
+def s3_filesystem(storage_cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem with endpoint, region and credentials from `storage_cfg` or the AWS variables."""
     s = resolve_s3_settings(storage_cfg)
     kwargs: dict[str, Any] = {"region": s["region"] or "us-east-1", "anonymous": s["anon"]}
@@ -111,7 +111,7 @@ def s3_filesystem(storage_cfg: Any = None) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def filesystem_for(uri: str | os.PathLike, storage_cfg: Any = None) -> tuple[pafs.FileSystem, str]:
+def filesystem_for(uri: str | os.PathLike, storage_cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a plain path, a file:// URI or an s3://bucket/key URI."""
     text = str(uri)
     if not text:
@@ -128,23 +128,23 @@ def filesystem_for(uri: str | os.PathLike, storage_cfg: Any = None) -> tuple[paf
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
 
 
-def file_info(uri: str, storage_cfg: Any = None) -> pafs.FileInfo:
+def file_info(uri: str, storage_cfg: StorageConfig | None = None) -> pafs.FileInfo:
     fs, path = filesystem_for(uri, storage_cfg)
     return fs.get_file_info(path)
 
 
-def exists(uri: str, storage_cfg: Any = None) -> bool:
+def exists(uri: str, storage_cfg: StorageConfig | None = None) -> bool:
     return file_info(uri, storage_cfg).type != pafs.FileType.NotFound
 
 
-def require_exists(uri: str, what: str, storage_cfg: Any = None) -> pafs.FileInfo:
+def require_exists(uri: str, what: str, storage_cfg: StorageConfig | None = None) -> pafs.FileInfo:
     info = file_info(uri, storage_cfg)
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"{what} not found: {uri}")
     return info
 
 
-def list_files(uri: str, storage_cfg: Any = None, suffix: str | None = None) -> list[pafs.FileInfo]:
+def list_files(uri: str, storage_cfg: StorageConfig | None = None, suffix: str | None = None) -> list[pafs.FileInfo]:
     """Every file below the folder `uri` (recursive), sorted by path; names starting with '.' or '_' skipped
     unless `suffix` asks for them explicitly."""
     fs, path = filesystem_for(uri, storage_cfg)
@@ -162,7 +162,7 @@ def list_files(uri: str, storage_cfg: Any = None, suffix: str | None = None) -> 
     return sorted(out, key=lambda i: i.path)
 
 
-def delete_dir(uri: str, storage_cfg: Any = None) -> None:
+def delete_dir(uri: str, storage_cfg: StorageConfig | None = None) -> None:
     fs, path = filesystem_for(uri, storage_cfg)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
@@ -172,7 +172,7 @@ def delete_dir(uri: str, storage_cfg: Any = None) -> None:
 # Parquet and JSON
 
 
-def read_table(uri: str, storage_cfg: Any = None, columns: list[str] | None = None, what: str = "table") -> pa.Table:
+def read_table(uri: str, storage_cfg: StorageConfig | None = None, columns: list[str] | None = None, what: str = "table") -> pa.Table:
     """One Parquet file, or every Parquet file under a folder, as one table. Missing columns raise naming them."""
     fs, path = filesystem_for(uri, storage_cfg)
     info = fs.get_file_info(path)
@@ -192,14 +192,14 @@ def read_table(uri: str, storage_cfg: Any = None, columns: list[str] | None = No
     return dataset.read(columns=columns)
 
 
-def write_table(table: pa.Table, uri: str, storage_cfg: Any = None) -> None:
+def write_table(table: pa.Table, uri: str, storage_cfg: StorageConfig | None = None) -> None:
     """One Parquet file at `uri`, parent folders created."""
     fs, path = filesystem_for(uri, storage_cfg)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(table, path, filesystem=fs)
 
 
-def read_json(uri: str, storage_cfg: Any = None) -> Any:
+def read_json(uri: str, storage_cfg: StorageConfig | None = None) -> Any:
     fs, path = filesystem_for(uri, storage_cfg)
     try:
         with fs.open_input_stream(path) as stream:
@@ -212,7 +212,7 @@ def read_json(uri: str, storage_cfg: Any = None) -> Any:
         raise StorageError(f"{uri} is not valid JSON: {exc}") from exc
 
 
-def write_json(obj: Any, uri: str, storage_cfg: Any = None) -> None:
+def write_json(obj: Any, uri: str, storage_cfg: StorageConfig | None = None) -> None:
     """Writes `obj` as JSON so that a reader sees the old file or the new one: a single PUT on S3, a write
     to a temporary name and a rename on a local disk."""
     fs, path = filesystem_for(uri, storage_cfg)
@@ -233,7 +233,7 @@ def write_json(obj: Any, uri: str, storage_cfg: Any = None) -> None:
 # Folders (models, adapters)
 
 
-def _listing(uri: str, storage_cfg: Any) -> tuple[pafs.FileSystem, str, list[tuple[str, int, str]]]:
+def _listing(uri: str, storage_cfg: StorageConfig | None) -> tuple[pafs.FileSystem, str, list[tuple[str, int, str]]]:
     """(fs, root path, [(relative path, size, mtime)]) for every file under a folder, hidden files included."""
     fs, root = filesystem_for(uri, storage_cfg)
     info = fs.get_file_info(root)
@@ -249,7 +249,7 @@ def _listing(uri: str, storage_cfg: Any) -> tuple[pafs.FileSystem, str, list[tup
     return fs, root, sorted(entries)
 
 
-def upload_dir(local_dir: str | os.PathLike, uri: str, storage_cfg: Any = None, last: tuple[str, ...] = ()) -> int:
+def upload_dir(local_dir: str | os.PathLike, uri: str, storage_cfg: StorageConfig | None = None, last: tuple[str, ...] = ()) -> int:
     """Copies every file of a local folder to `uri` (local or s3://); returns the number of files.
 
     Files named in `last` (relative paths) are removed from the destination first and copied after all
@@ -272,7 +272,7 @@ def upload_dir(local_dir: str | os.PathLike, uri: str, storage_cfg: Any = None, 
     return len(files)
 
 
-def download_dir(uri: str, local_dir: str | os.PathLike, storage_cfg: Any = None) -> Path:
+def download_dir(uri: str, local_dir: str | os.PathLike, storage_cfg: StorageConfig | None = None) -> Path:
     """Copies the folder `uri` to `local_dir` and checks every file's size against the source listing.
 
     The copy is assembled in a sibling temporary folder and renamed into place, so `local_dir` either
@@ -300,25 +300,11 @@ def download_dir(uri: str, local_dir: str | os.PathLike, storage_cfg: Any = None
     return local_dir
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Serialises the processes of one node (Ray workers, parallel jobs) that fill the same cache entry."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def default_download_cache() -> Path:
-    from binllm.assets import default_cache_dir
-
     return default_cache_dir() / "downloads"
 
 
-def local_copy(uri: str, cache_dir: str | os.PathLike | None = None, storage_cfg: Any = None) -> Path:
+def local_copy(uri: str, cache_dir: str | os.PathLike | None = None, storage_cfg: StorageConfig | None = None) -> Path:
     """A local folder holding the folder `uri`: the folder itself when local, else a copy in the node's cache.
 
     Processes on one node share the copy (a file lock serialises the download); the copy is reused while
@@ -343,7 +329,7 @@ def local_copy(uri: str, cache_dir: str | os.PathLike | None = None, storage_cfg
     return local
 
 
-def dir_checksum(uri: str, storage_cfg: Any = None) -> str:
+def dir_checksum(uri: str, storage_cfg: StorageConfig | None = None) -> str:
     """sha256 over every file's relative path and contents (cache markers excluded), streamed."""
     fs, root, entries = _listing(uri, storage_cfg)
     digest = hashlib.sha256()
@@ -390,7 +376,7 @@ class PublishedFile:
     bytes: int
 
 
-def _data_files(root: str, dt: str, run_id: str, storage_cfg: Any) -> list[PublishedFile]:
+def _data_files(root: str, dt: str, run_id: str, storage_cfg: StorageConfig | None) -> list[PublishedFile]:
     fs, root_path = filesystem_for(root, storage_cfg)
     out = []
     for info in list_files(run_uri(root, dt, run_id), storage_cfg):
@@ -401,7 +387,7 @@ def _data_files(root: str, dt: str, run_id: str, storage_cfg: Any) -> list[Publi
     return out
 
 
-def publish_partition(root: str, dt: str, run_id: str, fields: dict[str, Any], storage_cfg: Any = None) -> dict:
+def publish_partition(root: str, dt: str, run_id: str, fields: dict[str, Any], storage_cfg: StorageConfig | None = None) -> dict:
     """Makes the run `run_id` the live contents of `<root>/dt=<dt>/` and deletes the date's other runs.
 
     The run's Parquet files must already be under `run_uri(root, dt, run_id)`. The manifest lists every
@@ -432,7 +418,7 @@ def publish_partition(root: str, dt: str, run_id: str, fields: dict[str, Any], s
     return manifest
 
 
-def _delete_other_runs(root: str, dt: str, live_run: str, storage_cfg: Any) -> None:
+def _delete_other_runs(root: str, dt: str, live_run: str, storage_cfg: StorageConfig | None) -> None:
     fs, part = filesystem_for(partition_uri(root, dt), storage_cfg)
     for info in fs.get_file_info(pafs.FileSelector(part, recursive=False)):
         name = info.path.rsplit("/", 1)[1]
@@ -441,7 +427,7 @@ def _delete_other_runs(root: str, dt: str, live_run: str, storage_cfg: Any) -> N
             fs.delete_dir(info.path)
 
 
-def read_manifest(root: str, dt: str, storage_cfg: Any = None) -> dict | None:
+def read_manifest(root: str, dt: str, storage_cfg: StorageConfig | None = None) -> dict | None:
     """The live manifest of a date, or None when nothing was published for it."""
     pointer = join_uri(partition_uri(root, dt), MANIFEST_NAME)
     if not exists(pointer, storage_cfg):
@@ -452,7 +438,7 @@ def read_manifest(root: str, dt: str, storage_cfg: Any = None) -> dict | None:
     return manifest
 
 
-def published_dates(root: str, storage_cfg: Any = None) -> list[str]:
+def published_dates(root: str, storage_cfg: StorageConfig | None = None) -> list[str]:
     fs, path = filesystem_for(root, storage_cfg)
     out = []
     for info in fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True)):
@@ -463,7 +449,7 @@ def published_dates(root: str, storage_cfg: Any = None) -> list[str]:
     return sorted(out)
 
 
-def read_partition(root: str, dt: str, storage_cfg: Any = None, columns: list[str] | None = None) -> pa.Table:
+def read_partition(root: str, dt: str, storage_cfg: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
     """The live run of a date, read through its manifest (exactly the files it names)."""
     manifest = read_manifest(root, dt, storage_cfg)
     if manifest is None:

@@ -10,12 +10,9 @@ Train workers under DeepSpeed (binllm.train.distributed.DeepSpeedBackend).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 import numpy as np
@@ -25,8 +22,9 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from binllm import data, storage
+from binllm import data
 from binllm.config import Config, StageConfig
+from binllm.data.schema import DataError
 from binllm.llm import AnswerTokens, answer_tokens, apply_lora, collate_prompts, encode_prompts, yes_logits
 from binllm.llm.forward import unwrap_causal_lm
 from binllm.metrics import auc
@@ -35,6 +33,7 @@ from binllm.train.backend import Backend, LocalBackend
 from binllm.train.loop import LoopSettings, run_training
 from binllm.train.schedule import warmup_cosine
 from binllm.train.stages import StageAware
+from binllm.train.state import copy_into_parameters
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def split_rows(examples: pa.Table, split: str, max_rows: int, seed: int) -> pa.T
     """Rows of `split`; at most max_rows of them (0: all), a seeded random subset kept in input order."""
     missing = [c for c in REQUIRED_COLUMNS if c not in examples.column_names]
     if missing:
-        raise ValueError(f"examples: missing column(s) {missing}; has {examples.column_names}")
+        raise DataError(f"examples: missing column(s) {missing}; has {examples.column_names}")
     return data.split_rows(examples, split, max_rows, seed)
 
 
@@ -114,7 +113,7 @@ def tokenize_rows(rows: pa.Table, items: pa.Table, user_codes: pa.Table | None, 
     batch = build_prompts(rows, items, user_codes, item_codes, cfg.prompt, kind=kind)
     labels = rows.column("label").to_numpy(zero_copy_only=False).astype(np.float32)
     if not np.isin(labels, (0.0, 1.0)).all():
-        raise ValueError("examples: column 'label' must hold 0/1 values")
+        raise DataError("examples: column 'label' must hold 0/1 values")
     return PromptSet(encode_prompts(tokenizer, batch.prefix, batch.suffix), labels), batch.prefix[0] + batch.suffix[0]
 
 
@@ -189,7 +188,7 @@ def stage_steps(n_rows: int, world_size: int, settings: StageConfig,
                                                  seed, epoch)) // settings.grad_accum
                   for epoch in range(settings.epochs)]
         if counts[0] == 0:
-            raise ValueError(f"{n_rows} training rows make no optimizer step with micro_batch_tokens="
+            raise DataError(f"{n_rows} training rows make no optimizer step with micro_batch_tokens="
                              f"{settings.micro_batch_tokens}, grad_accum={settings.grad_accum} on {world_size} "
                              "rank(s); lower them or add rows")
         total = sum(counts)
@@ -197,7 +196,7 @@ def stage_steps(n_rows: int, world_size: int, settings: StageConfig,
     per_rank = -(-n_rows // world_size)
     per_epoch = -(-per_rank // settings.micro_batch_size) // settings.grad_accum
     if per_epoch == 0:
-        raise ValueError(
+        raise DataError(
             f"{per_rank} training rows per rank make no optimizer step with micro_batch_size="
             f"{settings.micro_batch_size} and grad_accum={settings.grad_accum}; lower them or add rows")
     total = per_epoch * settings.epochs
@@ -384,7 +383,7 @@ def tune_lora(
     torch.manual_seed(seed)
     peft_model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
     if initial_adapter is not None:
-        _load_lora(peft_model, initial_adapter)
+        copy_into_parameters(peft_model, initial_adapter)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad token nor an EOS token to pad with")
@@ -397,12 +396,12 @@ def tune_lora(
         train_rows = split_rows(examples, "train", settings.max_train_rows, seed)
         valid_rows = split_rows(examples, "valid", settings.max_valid_rows, seed + 1)
         if train_rows.num_rows == 0 or valid_rows.num_rows == 0:
-            raise ValueError(f"{stage.name}: examples have {train_rows.num_rows} train and {valid_rows.num_rows} "
+            raise DataError(f"{stage.name}: examples have {train_rows.num_rows} train and {valid_rows.num_rows} "
                              "valid rows; tuning needs both")
         train, prompt = tokenize_rows(train_rows, items, user_codes, item_codes, cfg, stage.prompt_kind, tokenizer)
         valid, _ = tokenize_rows(valid_rows, items, user_codes, item_codes, cfg, stage.prompt_kind, tokenizer)
         if len(np.unique(valid.labels)) < 2:
-            raise ValueError(f"{stage.name}: the validation rows hold one label class only; AUC is undefined")
+            raise DataError(f"{stage.name}: the validation rows hold one label class only; AUC is undefined")
         if answer is None:
             answer = answer_tokens(tokenizer, prompt, cfg.llm.answer, cfg.llm.negative_answer)
 
@@ -415,7 +414,7 @@ def tune_lora(
             summary, best_state = StageResult(**finished["result"]), finished["best_state"]
             log.info("%s already finished in an earlier attempt (best AUC %.4f); skipping it", stage.name,
                      summary.best_auc)
-            _load_lora(peft_model, best_state)
+            copy_into_parameters(peft_model, best_state)
         else:
             summary, best_state = _run_stage(stage, stage_backend, peft_model, train, valid, answer, pad_id, seed)
             if isinstance(stage_backend, StageAware):
@@ -424,44 +423,3 @@ def tune_lora(
 
     return TuneResult(model=peft_model, adapter_state=best_state, answer=answer,
                       best_auc=results[-1].best_auc, stages=results)
-
-
-def _load_lora(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copies full LoRA tensors into an unprepared model whose parameters are not sharded."""
-    params = dict(model.named_parameters())
-    missing = sorted(set(state) - set(params))
-    if missing:
-        raise KeyError(f"adapter state names parameters the model lacks: {missing[:3]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value.to(params[name].dtype))
-
-
-def save_tuned_adapter(result: TuneResult, folder: str | Path) -> Path:
-    """Writes the best adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors) from the
-    full adapter tensors, so that it is complete even when the model's parameters are ZeRO-3 shards."""
-    model = result.model
-    if not isinstance(model, PeftModel):
-        raise TypeError(f"expected the PeftModel of a TuneResult, got {type(model).__name__}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {name: value.detach().to("cpu") for name, value in result.adapter_state.items()}
-    empty = [name for name, value in state.items() if value.numel() == 0]
-    if empty:
-        raise ValueError(f"adapter tensors {empty[:3]} are empty: they must be gathered before saving")
-    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
-    return folder
-
-
-TUNE_SUMMARY_FILE = "tune_result.json"
-
-
-def publish_adapter(result: TuneResult, uri: str, cfg: Config) -> None:
-    """Writes the adapter folder (+ a tuning summary) to `uri`, local or s3://; adapter_config.json goes
-    last, so a reader never loads a partly written or partly replaced adapter."""
-    summary = {"best_auc": result.best_auc, "answer": dataclasses.asdict(result.answer), "base_model": cfg.llm.model,
-               "stages": [dataclasses.asdict(s) for s in result.stages]}
-    with tempfile.TemporaryDirectory() as local:
-        save_tuned_adapter(result, local)
-        Path(local, TUNE_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        storage.upload_dir(local, uri, cfg.storage, last=("adapter_config.json",))

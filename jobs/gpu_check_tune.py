@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import sys
 
-from jobs import benchmark_training
-
 GPU_DEFAULTS = [
     "--runner", "ray", "--shape", "smollm2-135m", "--steps", "20", "--encoder-rows", "0",
     "--set", "distributed.num_workers=1", "--set", "distributed.use_gpu=true", "--set", "distributed.zero_stage=2",
@@ -22,9 +20,11 @@ GPU_DEFAULTS = [
 def main(argv: list[str] | None = None) -> None:
     import torch
 
+    from jobs.bench import training
+
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA device visible; this check needs one GPU (see docs/training_benchmark.md)")
-    benchmark_training.main(GPU_DEFAULTS + list(sys.argv[1:] if argv is None else argv))
+    training.main(GPU_DEFAULTS + list(sys.argv[1:] if argv is None else argv), description=__doc__)
 
 
 if __name__ == "__main__":

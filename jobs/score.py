@@ -1,24 +1,11 @@
 """Score (nightly): click scores for explicit (user, item) requests or top-K candidates of active users,
-written as Parquet under <output>/dt=YYYY-MM-DD/ with a manifest, replacing that date atomically.
 
-    python -m jobs.score --config ray_config.yaml --set score.dt=2026-11-26 --set score.requests=s3://b/req.parquet
-    ray job submit --working-dir . -- python -m jobs.score --config ray_config.yaml
+    python -m jobs.score --config ray_config.yaml [--config PRESET.yaml] [--set key=value ...]
 
-Joins the Ray cluster named by RAY_ADDRESS (as under `ray job submit`), else starts a local Ray.
+The same as `binllm score ...`; the recipe is binllm/recipes/score.py (`--help` lists its config sections).
 """
-from __future__ import annotations
-
-from binllm.cli import init_ray, run_job
-from binllm.config import Config
-from binllm.pipeline import ScoringSummary, run_scoring
-
-
-def run(cfg: Config) -> ScoringSummary:
-    init_ray()
-    summary = run_scoring(cfg)
-    print(summary.line(), flush=True)
-    return summary
-
+from binllm.cli import run_recipe
+from binllm.recipes import score
 
 if __name__ == "__main__":
-    run_job(run, __doc__)
+    run_recipe(score)

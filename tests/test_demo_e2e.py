@@ -1,6 +1,7 @@
 """The demo job end to end: synthetic interactions with planted structure, the tiny LLM, real files."""
 import math
 import os
+import shutil
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -11,7 +12,7 @@ import pytest
 import ray
 
 from binllm.config import load_config
-from jobs import demo
+from binllm.recipes import demo
 from synthetic import make_planted_examples
 
 
@@ -38,7 +39,7 @@ def demo_run(tmp_path_factory, tiny_llm_dir):
         "score.top_k=4",
         "tune.stage1.micro_batch_size=16", "tune.stage2.micro_batch_size=16",
     ])
-    table = demo.run(cfg)
+    table = demo.main(cfg)
     return cfg, table
 
 
@@ -68,6 +69,23 @@ def test_binmf_learns_the_planted_structure(demo_run):
     assert not math.isnan(by_method["BinLLM"]["all_auc"])
 
 
+def test_the_demo_table_is_the_metrics_of_its_test_scores(demo_run):
+    from binllm.metrics import format_report
+    from binllm.recipes import evaluate
+
+    cfg, table = demo_run
+    assert table.column_names == ["method", "all_auc", "all_uauc", "warm_auc", "warm_uauc", "cold_auc", "cold_uauc",
+                                  "all_rows", "warm_rows", "cold_rows"]
+    recomputed = evaluate.metrics_table(pq.read_table(f"{cfg.run_dir()}/eval/test_scores.parquet"))
+    assert recomputed.column("all_auc").to_pylist() == table.column("all_auc").to_pylist()
+    assert pq.read_table(f"{cfg.run_dir()}/eval/metrics.parquet").column("all_uauc").to_pylist() == \
+        table.column("all_uauc").to_pylist()
+    for row in table.to_pylist():
+        assert row["warm_rows"] + row["cold_rows"] == row["all_rows"] == 50
+        assert 0.0 <= row["all_auc"] <= 1.0 and 0.0 <= row["all_uauc"] <= 1.0
+    assert format_report(table) in open(f"{cfg.run_dir()}/eval/metrics.md").read()
+
+
 def test_demo_ends_with_a_published_nightly_scoring_run(demo_run):
     from binllm import storage
 
@@ -83,19 +101,22 @@ def test_demo_ends_with_a_published_nightly_scoring_run(demo_run):
     assert storage.read_manifest(root, dt)["rows"] == 12
 
 
-def test_evaluate_job_scores_the_test_split_from_the_run_artifacts(demo_run):
+def test_evaluate_job_scores_the_test_split_from_the_run_artifacts(demo_run, tmp_path):
     import dataclasses
 
     import numpy as np
 
-    from jobs import evaluate
+    from binllm.recipes import evaluate
 
     cfg, _ = demo_run
-    path = f"{cfg.run_dir()}/eval/test_scores.parquet"
-    demo_scores = pq.read_table(path)
-    pa.fs.LocalFileSystem().delete_file(path)
-    same_sample = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_test_rows=50))
-    table = evaluate.run(same_sample)
+    demo_scores = pq.read_table(f"{cfg.run_dir()}/eval/test_scores.parquet")
+    # A copy of the run without its test scores: the module's demo run stays as the other tests read it.
+    copy_root = tmp_path / "runs"
+    shutil.copytree(cfg.run_dir(), copy_root / cfg.run.name, ignore=shutil.ignore_patterns("test_scores.parquet"))
+    same_sample = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_root=str(copy_root)),
+                                      eval=dataclasses.replace(cfg.eval, max_test_rows=50))
+    path = f"{same_sample.run_dir()}/eval/test_scores.parquet"
+    table = evaluate.main(same_sample)
     rows = {r["method"]: r for r in table.to_pylist()}
     assert sorted(rows) == ["BinLLM", "BinMF", "MF"] and all(r["all_rows"] == 50 for r in rows.values())
     scores = pq.read_table(path)

@@ -18,9 +18,9 @@ from binllm import sources, storage
 from binllm.codes import code_table
 from binllm.config import ConfigError, DistributedConfig, load_config
 from binllm.encoder import read_code_tables, train_encoder
-from binllm.train import ray_jobs
+from binllm.recipes import pretrain_encoder, tune_lora
 from binllm.train.deepspeed_config import deepspeed_config, llm_precision
-from binllm.tune import TUNE_SUMMARY_FILE
+from binllm.recipes.tune_lora import TUNE_SUMMARY_FILE
 from synthetic import make_planted_examples
 
 TINY_TUNE = [
@@ -65,7 +65,7 @@ def test_zero3_tuning_on_s3_resumes_after_a_planted_failure(s3_bucket, s3_server
     ])
     write_run_inputs(cfg, tiny_llm_dir)
 
-    result = ray_jobs.tune(cfg)
+    result = tune_lora.main(cfg)
 
     adapter = sources.adapter_uri(cfg)
     local_adapter = storage.download_dir(adapter, tmp_path / "adapter", cfg.storage)
@@ -98,7 +98,7 @@ def test_zero3_tuning_on_s3_resumes_after_a_planted_failure(s3_bucket, s3_server
 
     # The same run name again continues the finished run: both stages are skipped, the adapter re-exported.
     storage.delete_dir(adapter, cfg.storage)
-    ray_jobs.tune(cfg)
+    tune_lora.main(cfg)
     again = storage.download_dir(adapter, tmp_path / "again", cfg.storage)
     assert json.loads((again / TUNE_SUMMARY_FILE).read_text())["stages"] == summary["stages"]
     for name, value in load_file(again / "adapter_model.safetensors").items():
@@ -113,7 +113,7 @@ def test_two_worker_encoder_matches_single_process(tmp_path):
     examples = write_run_inputs(cfg, n_rows=3000)
     single = train_encoder(examples, cfg.encoder, kind="binary", seed=cfg.run.seed)
 
-    ray_jobs.pretrain_encoder(cfg)
+    pretrain_encoder.main(cfg)
 
     users, items = read_code_tables(sources.codes_uri(cfg))
     assert users.num_rows == len(single.user_ids) and items.num_rows == len(single.item_ids)

@@ -17,7 +17,7 @@ from binllm import sources, storage
 from binllm.codes import code_table
 from binllm.config import load_config
 from binllm.llm import load_causal_lm
-from binllm.tune import TUNE_SUMMARY_FILE
+from binllm.recipes.tune_lora import TUNE_SUMMARY_FILE
 from ray_cluster import submit_job
 from synthetic import make_planted_examples
 

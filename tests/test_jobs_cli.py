@@ -1,13 +1,14 @@
 """The thin entry points as a user runs them: `python -m jobs.X --config ... --set ...`."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from binllm.config import load_config
-from jobs import evaluate
+from binllm.recipes import evaluate
 
 
 def _run(*args, cwd):
@@ -59,10 +60,38 @@ def test_evaluate_job_reads_scores_and_writes_the_table(tmp_path):
         "label": pa.array([1, 0, 1, 0] * 2, pa.int8()), "warm": [True, True, False, False] * 2,
         "method": ["good"] * 4 + ["bad"] * 4, "logit": pa.array([2.0, -1.0, 1.0, 0.0, -2.0, 1.0, -1.0, 0.0], pa.float32()),
     }), tmp_path / "ev/eval/test_scores.parquet")
-    table = evaluate.run(cfg)
+    table = evaluate.main(cfg)
     rows = {r["method"]: r for r in table.to_pylist()}
     assert rows["good"]["all_auc"] == 1.0 and rows["bad"]["all_auc"] == 0.0
     assert rows["good"]["warm_rows"] == 2 and rows["good"]["cold_uauc"] == 1.0
     assert "good" in (tmp_path / "ev/eval/metrics.md").read_text()
     with pytest.raises(ValueError, match="missing column"):
         evaluate.metrics_table(pa.table({"method": ["x"]}))
+
+
+BINLLM = Path(sys.executable).with_name("binllm")  # the console command pyproject.toml installs
+
+
+def test_binllm_command_runs_the_same_recipes(table_source, request):
+    root = request.config.rootpath
+    listing = subprocess.run([str(BINLLM), "--help"], capture_output=True, text=True, cwd=root, timeout=120)
+    assert listing.returncode == 0 and "prepare, pretrain_encoder, tune_lora, score, evaluate, paper_table, demo" \
+        in listing.stdout
+    unknown = subprocess.run([str(BINLLM), "nosuch"], capture_output=True, text=True, cwd=root, timeout=120)
+    assert unknown.returncode == 2 and "unknown job 'nosuch'" in unknown.stderr
+    help_text = subprocess.run([str(BINLLM), "tune_lora", "--help"], capture_output=True, text=True, cwd=root,
+                               timeout=120)
+    assert help_text.returncode == 0
+    assert "config sections this job reads: run, storage, data, encoder, prompt, llm, tune, distributed" in \
+        " ".join(help_text.stdout.split())
+    args = _prepare_args(table_source)
+    result = subprocess.run([str(BINLLM), "prepare", *args[1:]], capture_output=True, text=True, cwd=root, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert pq.read_table(table_source / "runs/r1/examples/examples.parquet").num_rows == 5
+
+
+@pytest.mark.parametrize("job", ["prepare", "pretrain_encoder", "tune_lora", "score", "evaluate", "paper_table",
+                                 "demo"])
+def test_every_job_help_lists_its_config_sections(job, request):
+    result = _run(f"jobs.{job}", "--help", cwd=request.config.rootpath)
+    assert result.returncode == 0 and "config sections this job reads: run, storage" in " ".join(result.stdout.split())

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from binllm.config import load_config
-from binllm.paper import MethodSpec, method_specs, run_order, run_paper_table
+from binllm.recipes.paper_table import MethodSpec, method_specs, run_order, run_paper_table
 from synthetic import make_planted_examples
 
 STAGE = {"epochs": 1, "micro_batch_size": 16, "max_train_rows": 96, "max_valid_rows": 32, "eval_every": 3,

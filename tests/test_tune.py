@@ -14,7 +14,8 @@ from binllm.llm import load_causal_lm, score_prompts
 from binllm.prompts import build_prompts
 from binllm.train.backend import LocalBackend
 from binllm.config import StageConfig
-from binllm.tune import save_tuned_adapter, split_rows, stage_steps, train_micro_batches, tune_lora
+from binllm.llm import save_adapter
+from binllm.tune import split_rows, stage_steps, train_micro_batches, tune_lora
 from synthetic import make_planted_examples
 
 TUNE_SETTINGS = [
@@ -79,7 +80,7 @@ def test_two_step_runs_both_stages_and_stage2_continues_stage1_lora(planted, tin
 
 def test_saved_adapter_loads_with_peft_and_scores_identically(planted, tiny_llm_dir, tmp_path):
     result, cfg, tokenizer = _tune(planted, tiny_llm_dir, "tune.mode=intuitive", "tune.stage2.max_steps=5")
-    folder = save_tuned_adapter(result, tmp_path / "adapter")
+    folder = save_adapter(result.model, tmp_path / "adapter", state=result.adapter_state)
     assert (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_config.json").is_file()
 
     base, _ = load_causal_lm(tiny_llm_dir)

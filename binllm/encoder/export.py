@@ -18,6 +18,7 @@ from safetensors.torch import save as save_safetensors
 
 from binllm.codes import code_table, pack_bits
 from binllm.config import EncoderConfig
+from binllm.data.schema import DataError
 from binllm.encoder.model import BinaryEncoder
 from binllm.encoder.train import EncoderResult, build_model
 from binllm.storage import filesystem_for
@@ -97,16 +98,16 @@ def load_encoder(folder: str | Path, filesystem: pafs.FileSystem | None = None) 
     with fs.open_input_stream(meta_path) as f:
         meta = json.loads(f.read())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder}/{META_FILE}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise DataError(f"{folder}/{META_FILE}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     cfg = EncoderConfig(**meta["config"])
     ids = {}
     for name in (USER_VOCAB_FILE, ITEM_VOCAB_FILE):
         table = pq.read_table(f"{root}/{name}", filesystem=fs)
         if "id" not in table.column_names:
-            raise ValueError(f"{folder}/{name}: missing column 'id'")
+            raise DataError(f"{folder}/{name}: missing column 'id'")
         ids[name] = np.asarray(table.column("id").to_pylist(), dtype=object)
     if (len(ids[USER_VOCAB_FILE]), len(ids[ITEM_VOCAB_FILE])) != (meta["n_users"], meta["n_items"]):
-        raise ValueError(f"{folder}: vocabulary sizes do not match {META_FILE} (n_users, n_items)")
+        raise DataError(f"{folder}: vocabulary sizes do not match {META_FILE} (n_users, n_items)")
     model = build_model(meta["kind"], meta["n_users"], meta["n_items"], cfg)
     with fs.open_input_stream(f"{root}/{WEIGHTS_FILE}") as f:
         model.load_state_dict(load_safetensors(f.read()))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from binllm.config import EncoderConfig
 from binllm.data import split_rows
+from binllm.data.schema import DataError
 from binllm.encoder.model import BinaryEncoder, MatrixFactorization
 from binllm.encoder.vocab import as_string_array, build_vocabulary, lookup
 from binllm.metrics import auc
@@ -63,10 +64,10 @@ def anneal_beta(epoch: int, anneal_epochs: int) -> float:
 def _check_examples(examples: pa.Table) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in examples.column_names]
     if missing:
-        raise ValueError(f"examples: missing column(s) {missing}; expected at least {list(REQUIRED_COLUMNS)}")
+        raise DataError(f"examples: missing column(s) {missing}; expected at least {list(REQUIRED_COLUMNS)}")
     labels = examples.column("label")
     if labels.null_count or not pc.all(pc.is_in(labels, value_set=pa.array([0, 1], type=labels.type))).as_py():
-        raise ValueError("examples: column 'label' must hold 0/1 values without nulls")
+        raise DataError("examples: column 'label' must hold 0/1 values without nulls")
 
 
 def _labels(table: pa.Table) -> np.ndarray:
@@ -95,10 +96,10 @@ def train_encoder(
     backend = backend or LocalBackend()
     train, valid = split_rows(examples, "train"), split_rows(examples, "valid")
     if train.num_rows == 0:
-        raise ValueError("examples: split 'train' has no rows")
+        raise DataError("examples: split 'train' has no rows")
     valid_labels = _labels(valid)
     if valid.num_rows == 0 or valid_labels.min() == valid_labels.max():
-        raise ValueError("examples: split 'valid' needs rows of both labels (0 and 1) for early stopping on AUC")
+        raise DataError("examples: split 'valid' needs rows of both labels (0 and 1) for early stopping on AUC")
 
     vocabulary_rows = train if cfg.vocabulary == "train" else examples
     user_ids = build_vocabulary(as_string_array(vocabulary_rows.column("user_id"), "examples column 'user_id'"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
@@ -33,13 +34,24 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
-def save_adapter(model: PeftModel, folder: str | Path) -> Path:
-    """Write the adapter weights (adapter_model.safetensors) and adapter_config.json to `folder`."""
+def save_adapter(model: PeftModel, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter weights (adapter_model.safetensors) and adapter_config.json to `folder`.
+
+    state: full adapter tensors keyed like model.named_parameters() (a TuneResult's adapter_state) to write
+    instead of the model's own, which are empty shards when ZeRO-3 partitioned the model.
+    """
     if not isinstance(model, PeftModel):
         raise TypeError(f"save_adapter expects a PeftModel (see apply_lora), got {type(model).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    if state is None:
+        model.save_pretrained(folder, safe_serialization=True)
+        return folder
+    tensors = {name: value.detach().to("cpu") for name, value in state.items()}
+    empty = [name for name, value in tensors.items() if value.numel() == 0]
+    if empty:
+        raise ValueError(f"adapter tensors {empty[:3]} are empty: they must be gathered before saving")
+    model.save_pretrained(folder, state_dict=tensors, safe_serialization=True)
     return folder
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from binllm.llm.batching import length_buckets
@@ -26,7 +27,8 @@ def score_full_prompts(
     sequences = encoded.sequences()
     lengths = np.asarray([len(ids) for ids in sequences], dtype=np.int64)
     scores = np.empty(len(sequences), dtype=np.float32)
-    for batch in length_buckets(lengths, max_batch_tokens):
+    for batch in tqdm(length_buckets(lengths, max_batch_tokens), desc="scoring", unit="batch", leave=False,
+                      disable=None):
         input_ids, attention_mask = collate_prompts([sequences[i] for i in batch.tolist()], pad_id)
         hidden = decoder(
             input_ids=input_ids.to(device),

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicLayer
 
 from binllm.llm.batching import PackedRow, plan_shared_prefix
@@ -134,7 +135,7 @@ def score_shared_prefix(
         max_batch_tokens=max_batch_tokens,
         max_row_tokens=max_row_tokens,
     )
-    for group in groups:
+    for group in tqdm(groups, desc="scoring", unit="prefix group", leave=False, disable=None):
         prefix_kv = _run_prefixes(decoder, [encoded.prefix_ids[u] for u in group.users.tolist()], pad_id, device)
         slot_of_user = {user: g for g, user in enumerate(group.users.tolist())}
         prefix_width = prefix_kv[0][0].shape[-2]

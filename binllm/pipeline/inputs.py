@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from binllm import sources, storage
-from binllm.config import Config
+from binllm.config import Config, StorageConfig
 from binllm.data.schema import DataError
 
 
@@ -57,7 +57,7 @@ def resolve_inputs(cfg: Config) -> ScoringInputs:
     )
 
 
-def parquet_paths(uri: str, what: str, storage_cfg=None) -> tuple[pafs.FileSystem, list[str]]:
+def parquet_paths(uri: str, what: str, storage_cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, list[str]]:
     """(filesystem, Parquet files) of a file or folder URI; errors name `what` and the URI."""
     fs, path = storage.filesystem_for(uri, storage_cfg)
     info = fs.get_file_info(path)
@@ -71,7 +71,7 @@ def parquet_paths(uri: str, what: str, storage_cfg=None) -> tuple[pafs.FileSyste
     return fs, files
 
 
-def check_schema(uri: str, what: str, required: list[str], storage_cfg=None,
+def check_schema(uri: str, what: str, required: list[str], storage_cfg: StorageConfig | None = None,
                  one_of: list[str] | None = None) -> pa.Schema:
     """The schema of a Parquet input, with every `required` column and at least one of `one_of` present."""
     fs, files = parquet_paths(uri, what, storage_cfg)

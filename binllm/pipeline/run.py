@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 
-from binllm import sources, storage
+from binllm import candidates, sources, storage
 from binllm.config import Config, StorageConfig
 from binllm.pipeline.inputs import InputError, ScoringInputs, check_schema, parquet_paths, resolve_inputs
 from binllm.pipeline.pairs import (PairSpec, build_pairs, normalise_log, normalise_requests, normalise_users,
@@ -86,10 +86,8 @@ def _popular_items(inputs: ScoringInputs, cfg: Config) -> list[str]:
     table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=["item_id", "timestamp"])
     ts = timestamp_seconds(table.column("timestamp"))
     items = table.column("item_id").cast("string").filter(pc.less(ts, inputs.history_before))
-    counts = pc.value_counts(items)
-    ids = np.asarray(counts.field("values").to_pylist(), dtype=object)
-    n = counts.field("counts").to_numpy()
-    order = np.lexsort((ids, -n))
+    ids, index = np.unique(np.asarray(items.to_pylist(), dtype=object), return_inverse=True)  # sorted ids
+    order = candidates.popular_items(index, len(ids))
     return ids[order][: cfg.score.top_k + POPULAR_EXTRA].tolist()
 
 

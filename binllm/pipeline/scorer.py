@@ -11,6 +11,7 @@ import torch
 from binllm import sources, storage
 from binllm.config import Config
 from binllm.llm import AnswerTokens, answer_tokens, load_adapter, load_causal_lm, score_prompts
+from binllm.metrics import sigmoid
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ def load_scoring_model(cfg: Config, adapter: str, device: str) -> tuple[torch.nn
     model = load_adapter(model, storage.local_copy(adapter, storage_cfg=cfg.storage)).merge_and_unload()
     model.eval()
     return model, tokenizer
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 
 
 class Scorer:

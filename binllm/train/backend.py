@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from binllm.train.state import copy_into_parameters
+
 
 class Backend(abc.ABC):
     rank: int = 0
@@ -102,10 +104,7 @@ class LocalBackend(Backend):
         return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, model, state):
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        copy_into_parameters(model, state)
 
     def save_checkpoint(self, client_state, metrics):
         if self.checkpoint_dir is None:

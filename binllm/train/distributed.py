@@ -25,6 +25,7 @@ import torch
 from binllm.config import DistributedConfig
 from binllm.train.deepspeed_config import Precision, deepspeed_config
 from binllm.train.stages import StageAware
+from binllm.train.state import copy_into_parameters
 
 log = logging.getLogger(__name__)
 
@@ -152,21 +153,17 @@ class DeepSpeedBackend(StageAware):
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
-        params = dict(_unwrap(model).named_parameters())
-        missing = sorted(set(state) - set(params))
-        if missing:
-            raise KeyError(f"state names parameters the model lacks: {missing[:3]}")
-        with torch.no_grad():
-            for name, value in state.items():
-                param = params[name]
-                if hasattr(param, "ds_id"):
-                    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                        if self.rank == 0:
-                            param.data.copy_(value.to(param.device, param.dtype))
-                else:
-                    param.data.copy_(value.to(param.device, param.dtype))
-                if self.engine is not None:
-                    safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
+        def copy(name: str, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+            if hasattr(param, "ds_id"):
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if self.rank == 0:
+                        param.data.copy_(value.to(param.device, param.dtype))
+            else:
+                param.data.copy_(value.to(param.device, param.dtype))
+            if self.engine is not None:
+                safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
+
+        copy_into_parameters(_unwrap(model), state, copy=copy)
 
     # --- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, client_state, metrics):

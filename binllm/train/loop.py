@@ -6,6 +6,7 @@ skips exactly the batches it had already trained on.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from binllm.train.backend import Backend
 
@@ -30,6 +32,24 @@ class LoopSettings:
     eval_every: int = 0  # optimizer steps between validations; 0: at the end of each epoch
     max_steps: int = 0  # 0: no cap
     log_every_s: float = 30.0  # progress line (step, mean loss) at most this often
+
+
+@dataclass
+class LoopState:
+    """Where a run stands; saved with every checkpoint, so a resumed run continues from it."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch: int = 0  # micro-batches of the current epoch already trained
+    best_auc: float = -math.inf
+    bad_evals: int = 0  # validations since the last improvement
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+    stopped: bool = False
+    evaluated_at: int = -1  # the step of the last validation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclass
@@ -58,14 +78,13 @@ def run_training(
     batches(epoch) yields this rank's micro-batches; loss_fn(model, batch, epoch) returns the loss;
     evaluate() returns metrics with "auc" over all ranks' rows.
     """
-    state = {"step": 0, "epoch": 0, "batch": 0, "best_auc": -math.inf, "bad_evals": 0, "history": [], "best_state": None,
-             "stopped": False, "evaluated_at": -1}
+    state = LoopState()
     restored = backend.load_checkpoint()
     resumed_from = None
     if restored is not None:
-        state.update(restored)
-        resumed_from = state["step"]
-        log.info("resumed from checkpoint at step %d (epoch %d)", state["step"], state["epoch"])
+        state = LoopState(**restored)
+        resumed_from = state.step
+        log.info("resumed from checkpoint at step %d (epoch %d)", state.step, state.epoch)
 
     def validate(at_cap: bool = False) -> bool:
         """Returns True when training should stop; the checkpoint records it, so a resumed run stops too."""
@@ -74,25 +93,25 @@ def run_training(
             metrics = evaluate()
         model.train()
         if not all(math.isfinite(float(v)) for k, v in metrics.items() if k == "loss"):
-            raise TrainingDiverged(f"validation loss is {metrics['loss']} at step {state['step']}: the model "
+            raise TrainingDiverged(f"validation loss is {metrics['loss']} at step {state.step}: the model "
                                    "diverged (lower the learning rate) or a kernel produced NaN")
         auc = float(metrics["auc"])
-        state["history"].append({"step": state["step"], **{k: float(v) for k, v in metrics.items()}})
-        state["evaluated_at"] = state["step"]
-        improved = auc > state["best_auc"]
+        state.history.append({"step": state.step, **{k: float(v) for k, v in metrics.items()}})
+        state.evaluated_at = state.step
+        improved = auc > state.best_auc
         if improved:
-            state["best_auc"], state["bad_evals"] = auc, 0
-            state["best_state"] = backend.trainable_state(model)
+            state.best_auc, state.bad_evals = auc, 0
+            state.best_state = backend.trainable_state(model)
         else:
-            state["bad_evals"] += 1
-        state["stopped"] = at_cap or state["bad_evals"] >= settings.patience
+            state.bad_evals += 1
+        state.stopped = bool(at_cap or state.bad_evals >= settings.patience)
         if backend.is_main:
-            log.log(logging.INFO if improved or state["stopped"] else logging.DEBUG,
-                    "step %d: validation %s (best auc %.4f)%s", state["step"],
-                    " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), state["best_auc"],
-                    ", stopping" if state["stopped"] else "")
-        backend.save_checkpoint(dict(state), {"step": state["step"], **metrics, "best_auc": state["best_auc"]})
-        return state["stopped"]
+            log.log(logging.INFO if improved or state.stopped else logging.DEBUG,
+                    "step %d: validation %s (best auc %.4f)%s", state.step,
+                    " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), state.best_auc,
+                    ", stopping" if state.stopped else "")
+        backend.save_checkpoint(state.to_dict(), {"step": state.step, **metrics, "best_auc": state.best_auc})
+        return state.stopped
 
     progress = {"last": time.monotonic(), "loss": None, "count": 0}
 
@@ -104,40 +123,45 @@ def run_training(
         if now - progress["last"] >= settings.log_every_s:
             mean = progress["loss"].item() / progress["count"]
             if not math.isfinite(mean):
-                raise TrainingDiverged(f"training loss is {mean} in the micro-batches before step {state['step']}")
+                raise TrainingDiverged(f"training loss is {mean} in the micro-batches before step {state.step}")
             if backend.is_main:
-                log.info("epoch %d, step %d: mean loss %.4f over the last %d micro-batches", state["epoch"],
-                         state["step"], mean, progress["count"])
+                log.info("epoch %d, step %d: mean loss %.4f over the last %d micro-batches", state.epoch,
+                         state.step, mean, progress["count"])
             progress.update(last=now, loss=None, count=0)
 
-    stopped = state["stopped"]
+    stopped = state.stopped
+    # A progress bar on a terminal (off in logs and on ranks other than 0); log lines every log_every_s.
+    bar = tqdm(desc="training", unit="step", initial=state.step, total=settings.max_steps or None, leave=False,
+               disable=None if backend.is_main else True)
     model.train()
-    while state["epoch"] < settings.max_epochs and not stopped:
-        epoch = state["epoch"]
+    while state.epoch < settings.max_epochs and not stopped:
+        epoch = state.epoch
         for index, batch in enumerate(batches(epoch)):
-            if index < state["batch"]:
+            if index < state.batch:
                 continue
             loss = loss_fn(model, batch, epoch)
             report_progress(loss)
-            state["batch"] = index + 1
+            state.batch = index + 1
             if not backend.backward_step(loss):
                 continue
-            state["step"] += 1
+            state.step += 1
+            bar.update(1)
             if on_step is not None:
-                on_step(state["step"])
-            at_cap = settings.max_steps and state["step"] >= settings.max_steps
-            if (settings.eval_every and state["step"] % settings.eval_every == 0) or at_cap:
+                on_step(state.step)
+            at_cap = settings.max_steps and state.step >= settings.max_steps
+            if (settings.eval_every and state.step % settings.eval_every == 0) or at_cap:
                 if validate(at_cap=bool(at_cap)):
                     stopped = True
                     break
         if stopped:
             break
-        state["epoch"], state["batch"] = epoch + 1, 0
-        if state["evaluated_at"] != state["step"]:  # not already validated at this step (also across a resume)
+        state.epoch, state.batch = epoch + 1, 0
+        if state.evaluated_at != state.step:  # not already validated at this step (also across a resume)
             stopped = validate()
-    if state["best_state"] is None:
-        state["best_state"] = backend.trainable_state(model)
+    bar.close()
+    if state.best_state is None:
+        state.best_state = backend.trainable_state(model)
     return LoopResult(
-        best_auc=state["best_auc"], best_state=state["best_state"], steps=state["step"], epochs=state["epoch"],
-        stopped_early=stopped, history=state["history"], resumed_from_step=resumed_from,
+        best_auc=state.best_auc, best_state=state.best_state, steps=state.step, epochs=state.epoch,
+        stopped_early=stopped, history=state.history, resumed_from_step=resumed_from,
     )

@@ -1,22 +1,18 @@
-"""Encoder pretraining and LoRA tuning as Ray Train jobs (TorchTrainer + DeepSpeed workers).
+"""Ray Train jobs: a TorchTrainer over cfg.distributed's workers, checkpointing to local or S3 storage.
 
-The worker functions call the very same `train_encoder` / `tune_lora` as a local run, with a
-`DeepSpeedBackend`; rank 0 writes the exports (code tables + encoder, or the adapter folder). The run's
-Ray Train state lives under `<distributed.storage_path or <output_root>/ray_train>/<run.name>`: running a
-job again with the same run name continues that run from its latest checkpoint (after a finished
-run, it re-exports the finished result); a new run name starts fresh.
+Recipes pass the worker function (binllm.recipes.pretrain_encoder / tune_lora), which runs the same
+training code as a local run with a `DeepSpeedBackend`. The run's Ray Train state lives under
+`<distributed.storage_path or <output_root>/ray_train>/<run.name>`: running a job again with the same run
+name continues that run from its latest checkpoint (after a finished run, it re-exports the finished
+result); a new run name starts fresh.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
-from binllm import sources, storage
+from binllm import storage
 from binllm.config import Config
-
-log = logging.getLogger(__name__)
-
-ENCODER_ZERO_STAGE_CAP = 2  # the encoder's validation forwards differ per rank; ZeRO-3 forwards are collective
+from binllm.ray_env import init_ray
 
 
 def ray_storage(cfg: Config) -> tuple[str, Any]:
@@ -27,7 +23,9 @@ def ray_storage(cfg: Config) -> tuple[str, Any]:
 
 
 def build_trainer(worker: Callable[[dict], None], cfg: Config, **loop_config: Any):
-    """A TorchTrainer running `worker({"cfg": cfg, **loop_config})` on cfg.distributed's workers."""
+    """A TorchTrainer running `worker({"cfg": cfg, **loop_config})` on cfg.distributed's workers, on the
+    Ray cluster of RAY_ADDRESS or a local Ray started here."""
+    init_ray()
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -50,52 +48,3 @@ def build_trainer(worker: Callable[[dict], None], cfg: Config, **loop_config: An
             failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
         ),
     )
-
-
-def encoder_worker(config: dict) -> None:
-    from binllm.encoder import train_encoder
-    from binllm.train.distributed import DeepSpeedBackend
-
-    cfg: Config = config["cfg"]
-    examples, _ = sources.read_examples(cfg)
-    world_size = cfg.distributed.num_workers
-    backend = DeepSpeedBackend(cfg.distributed, precision="fp32",  # codes are signs: computed in float32
-                               micro_batch_size=-(-cfg.encoder.batch_size // world_size),
-                               zero_stage=min(cfg.distributed.zero_stage, ENCODER_ZERO_STAGE_CAP))
-    result = train_encoder(examples, cfg.encoder, kind="binary", backend=backend, seed=cfg.run.seed)
-    if backend.is_main:
-        sources.write_encoder_outputs(cfg, result)
-        log.info("encoder: best validation AUC %.4f after %d steps; codes at %s", result.best_auc, result.steps,
-                 sources.codes_uri(cfg))
-
-
-def tune_worker(config: dict) -> None:
-    from binllm.llm import load_causal_lm
-    from binllm.train.deepspeed_config import llm_precision
-    from binllm.train.distributed import DeepSpeedBackend
-    from binllm.tune import publish_adapter, tune_lora
-
-    cfg: Config = config["cfg"]
-    examples, items = sources.read_examples(cfg)
-    needs_codes = cfg.tune.mode == "two_step" or cfg.prompt.kind != "text"
-    user_codes, item_codes = sources.read_code_tables(cfg) if needs_codes else (None, None)
-    precision = llm_precision(cfg.llm.dtype, cfg.distributed.use_gpu)
-    backend = DeepSpeedBackend(cfg.distributed, precision=precision)
-    folder = sources.model_folder(cfg.llm.model, cfg)
-    model, tokenizer = load_causal_lm(folder, dtype="bfloat16" if precision == "bf16" else "float32",
-                                      device=backend.device)
-    result = tune_lora(examples, items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer,
-                       backend=backend)
-    if backend.is_main:
-        publish_adapter(result, sources.adapter_uri(cfg), cfg)
-        log.info("tuning: best validation AUC %.4f; adapter at %s", result.best_auc, sources.adapter_uri(cfg))
-
-
-def pretrain_encoder(cfg: Config):
-    """Runs encoder pretraining on the Ray cluster; returns Ray Train's Result."""
-    return build_trainer(encoder_worker, cfg).fit()
-
-
-def tune(cfg: Config):
-    """Runs LoRA tuning on the Ray cluster; returns Ray Train's Result."""
-    return build_trainer(tune_worker, cfg).fit()

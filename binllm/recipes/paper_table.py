@@ -9,7 +9,11 @@ Methods (BinLLM paper, Table 2):
 
 Every method writes its test scores and training history under <run dir>/paper/methods/ when it
 finishes, and a rerun of the same run skips the methods already there: the encoders can run on a CPU
-and the LLM methods on a GPU, and an interrupted run loses one method at most.
+and the LLM methods on a GPU, and an interrupted run loses one method at most. Report: <run dir>/paper/
+metrics.md, metrics.json, test_scores.parquet, auc_bars.png, valid_auc.png, score_dist.png.
+
+    binllm paper_table --config cluster/presets/paper_ml1m.yaml --config cluster/presets/paper_ml1m_cpu.yaml
+    binllm paper_table --config cluster/presets/paper_ml1m.yaml --config cluster/presets/paper_ml1m_gpu.yaml
 """
 from __future__ import annotations
 
@@ -32,9 +36,11 @@ from binllm.config import Config
 from binllm.data import split_rows
 from binllm.metrics import evaluate_scores, format_report, report_table
 from binllm.prompts import build_prompts
+from binllm.recipes.pretrain_encoder import publish_encoder
 
 log = logging.getLogger(__name__)
 
+SECTIONS = ("run", "storage", "data", "encoder", "prompt", "llm", "tune", "score", "paper")
 PAPER_DIR = "paper"
 METHODS = ("MF", "BinMF", "TO", "IO", "IT", "BinLLM")
 CODE_METHODS = ("IO", "IT", "BinLLM")
@@ -132,12 +138,9 @@ class PaperRun:
         cfg = self.cfg
         if storage.exists(storage.join_uri(sources.examples_uri(cfg), "examples.parquet"), cfg.storage):
             return sources.read_examples(cfg)
-        from binllm.data import prepare_examples
+        from binllm.recipes import prepare
 
-        interactions, items = sources.load_interactions(cfg)
-        examples = prepare_examples(interactions, cfg.data)
-        sources.write_examples(cfg, examples, items)
-        return examples, items
+        return prepare.main(cfg)
 
     # --- encoders ----------------------------------------------------------------------------------
     def binmf(self):
@@ -149,7 +152,7 @@ class PaperRun:
                 self._binmf = load_encoder(path, filesystem=fs)
             else:
                 self._binmf = train_encoder(self.examples, self.cfg.encoder, kind="binary", seed=self.cfg.run.seed)
-                sources.write_encoder_outputs(self.cfg, self._binmf)
+                publish_encoder(self.cfg, self._binmf)
         return self._binmf
 
     def codes(self) -> tuple[pa.Table, pa.Table]:
@@ -241,29 +244,38 @@ class PaperTable:
     text: str
     seconds: float
     skipped: list[str] = field(default_factory=list)  # methods left for a later run by paper.time_budget_s
+    device: str = "cpu"
 
 
 def run_paper_table(cfg: Config, device: str | None = None) -> PaperTable:
     """Runs (or resumes) every configured method, then writes the report (see `write_report`)."""
-    started = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    run = PaperRun(cfg, device)
+    return publish(cfg, run(cfg, setup(cfg, device)))
+
+
+def setup(cfg: Config, device: str | None = None) -> PaperRun:
+    return PaperRun(cfg, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def run(cfg: Config, paper: PaperRun) -> PaperTable:
+    started = time.perf_counter()
+    device = paper.device
     specs = method_specs(cfg.paper.methods, cfg.paper.code_formats)
-    log.info("paper table: %d methods on %d test rows (%d warm), device %s", len(specs), run.test.num_rows,
-             int(np.sum(run.test.column("warm").to_numpy(zero_copy_only=False))), device)
+    log.info("paper table: %d methods on %d test rows (%d warm), device %s", len(specs), paper.test.num_rows,
+             int(np.sum(paper.test.column("warm").to_numpy(zero_copy_only=False))), device)
     done: dict[MethodSpec, MethodResult] = {}
     skipped = []
     for spec in run_order(specs):
-        result = _saved(cfg, spec, run.test.num_rows)
+        result = _saved(cfg, spec, paper.test.num_rows)
         if result is None:
             budget = cfg.paper.time_budget_s
             if budget and time.perf_counter() - started > budget:
                 skipped.append(spec.name)
                 continue
             log.info("method %s ...", spec.name)
-            result = run.run(spec)
+            result = paper.run(spec)
             _save(cfg, result)
-        scored = evaluate_scores(run.test, result.logits)
+        scored = evaluate_scores(paper.test, result.logits)
         log.info("method %s: test AUC %.4f, UAUC %.4f (%.0f s)", spec.name, scored["all_auc"], scored["all_uauc"],
                  result.seconds)
         done[spec] = result
@@ -271,10 +283,20 @@ def run_paper_table(cfg: Config, device: str | None = None) -> PaperTable:
         log.warning("paper.time_budget_s (%d s) spent: not run %s; a rerun of this run.name adds them",
                     cfg.paper.time_budget_s, skipped)
     results = [done[s] for s in specs if s in done]
-    metrics = report_table({r.spec.name: evaluate_scores(run.test, r.logits) for r in results})
-    table = PaperTable(metrics, results, run.test, format_report(metrics), time.perf_counter() - started, skipped)
-    write_report(cfg, table, device)
+    metrics = report_table({r.spec.name: evaluate_scores(paper.test, r.logits) for r in results})
+    return PaperTable(metrics, results, paper.test, format_report(metrics), time.perf_counter() - started, skipped,
+                      device)
+
+
+def publish(cfg: Config, table: PaperTable) -> PaperTable:
+    write_report(cfg, table, table.device)
+    print(table.text)
+    print(f"\nreport: {paper_uri(cfg, 'metrics.md')} ({table.seconds:.0f} s)")
     return table
+
+
+def main(cfg: Config) -> PaperTable:
+    return run_paper_table(cfg)
 
 
 def _profile_notes(cfg: Config, test: pa.Table) -> list[str]:

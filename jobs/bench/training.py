@@ -1,18 +1,20 @@
-"""Training throughput: LoRA tuning tokens/s and encoder pretraining samples/s, with peak memory.
+"""Training throughput: LoRA tuning tokens/s and encoder pretraining samples/s, with peak memory
+(jobs.benchmark_training; jobs.gpu_check's tuning section uses the helpers).
 
 Inputs are synthetic (clustered users and items, random codes) and the LLM has random weights at a
-named shape, so a benchmark needs no download: the figures depend on shapes and prompt lengths only.
-Tuning runs in this process (LocalBackend) or as a Ray Train job on DeepSpeed workers.
+named shape (jobs.bench.shapes), so a benchmark needs no download: the figures depend on shapes and prompt
+lengths only. Tuning runs in this process (LocalBackend) or as a Ray Train job on DeepSpeed workers.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import resource
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,17 +22,10 @@ import torch
 
 from binllm import sources, storage
 from binllm.codes import code_table
-from binllm.config import Config
+from binllm.config import Config, load_config
 from binllm.llm import build_tiny_llm, load_causal_lm
+from jobs.bench.shapes import SHAPES
 
-# LlamaConfig fields of HuggingFaceTB/SmolLM2-135M(-Instruct).
-MODEL_SHAPES: dict[str, dict[str, Any]] = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
-                         rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=600, max_position_embeddings=2048, tie_word_embeddings=False),
-}
 STATS_FILE = "tune_benchmark_rank{rank}.json"
 TITLE_WORDS = ("Space", "Romance", "Crime", "Cartoon", "Western", "Mystery", "Musical", "War")
 
@@ -58,12 +53,12 @@ def random_llm_folder(folder: str | Path, shape: str, seed: int = 0) -> Path:
     """A Hugging Face folder with a random LlamaForCausalLM of `shape` and the tiny test tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if shape not in MODEL_SHAPES:
-        raise ValueError(f"unknown model shape {shape!r}; expected one of {sorted(MODEL_SHAPES)}")
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; expected one of {sorted(SHAPES)}")
     folder = Path(folder)
     build_tiny_llm(folder, seed=seed)  # writes the tokenizer; its tiny model is replaced below
     ids = json.loads((folder / "config.json").read_text())
-    config = LlamaConfig(**MODEL_SHAPES[shape], bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
+    config = LlamaConfig(**SHAPES[shape], bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
                          pad_token_id=ids["pad_token_id"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -116,6 +111,7 @@ def write_synthetic_inputs(cfg: Config, n_users: int, n_items: int, n_rows: int)
 
 
 def tune_throughput(result, device: torch.device) -> Throughput:
+    """The last stage's training figures (validation excluded)."""
     stage = result.stages[-1]
     return Throughput(items=stage.train_tokens, padded_tokens=stage.padded_tokens, seconds=stage.train_seconds,
                       steps=stage.steps, peak_memory_gib=peak_memory_gib(device))
@@ -134,20 +130,10 @@ def tune_locally(cfg: Config, model_dir: str | Path) -> Throughput:
 
 
 def tune_benchmark_worker(config: dict) -> None:
-    """Ray Train worker: tune_lora on the DeepSpeed backend; each rank writes its figures to stats_dir."""
-    from binllm.train.deepspeed_config import llm_precision
-    from binllm.train.distributed import DeepSpeedBackend
-    from binllm.tune import tune_lora
+    """Ray Train worker: the tuning job's worker body; each rank writes its figures to stats_dir."""
+    from binllm.recipes.tune_lora import train_on_worker
 
-    cfg: Config = config["cfg"]
-    precision = llm_precision(cfg.llm.dtype, cfg.distributed.use_gpu)
-    backend = DeepSpeedBackend(cfg.distributed, precision=precision)
-    examples, items = sources.read_examples(cfg)
-    user_codes, item_codes = sources.read_code_tables(cfg)
-    model, tokenizer = load_causal_lm(sources.model_folder(cfg.llm.model, cfg),
-                                      dtype="bfloat16" if precision == "bf16" else "float32", device=backend.device)
-    result = tune_lora(examples, items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer,
-                       backend=backend)
+    result, backend = train_on_worker(config["cfg"])
     stats = dataclasses.asdict(tune_throughput(result, backend.device))
     Path(config["stats_dir"], STATS_FILE.format(rank=backend.rank)).write_text(json.dumps(stats))
 
@@ -169,10 +155,64 @@ def encoder_throughput(cfg: Config) -> Throughput:
     from binllm.encoder import train_encoder
 
     examples, _ = sources.read_examples(cfg)
-    cfg.encoder.patience = cfg.encoder.max_epochs + 1
+    encoder_cfg = dataclasses.replace(cfg.encoder, patience=cfg.encoder.max_epochs + 1)
     started = time.perf_counter()
-    result = train_encoder(examples, cfg.encoder, kind="binary", seed=cfg.run.seed)
+    result = train_encoder(examples, encoder_cfg, kind="binary", seed=cfg.run.seed)
     seconds = time.perf_counter() - started
     n_train = int(np.sum(np.asarray(examples.column("split").to_pylist()) == "train"))
     return Throughput(items=n_train * result.epochs, seconds=seconds, steps=result.steps,
                       peak_memory_gib=peak_memory_gib(torch.device("cpu")))
+
+
+def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description or __doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    parser.add_argument("--runner", default="local", choices=("local", "ray"),
+                        help="local: LocalBackend in this process; ray: Ray Train + DeepSpeed workers")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps of LoRA tuning")
+    parser.add_argument("--history", type=int, default=10, help="history titles per prompt (prompt length)")
+    parser.add_argument("--encoder-rows", type=int, default=200_000, help="examples for encoder pretraining (0: skip)")
+    parser.add_argument("--encoder-epochs", type=int, default=3)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, description: str | None = None) -> None:
+    from binllm.cli import setup_logging
+    from binllm.ray_env import init_ray
+
+    args = parse_args(argv, description)
+    setup_logging()
+    with tempfile.TemporaryDirectory(prefix="binllm-bench-") as work:
+        model_dir = Path(work, "model")
+        # The model folder and --encoder-epochs win over --set; the config is built once, never mutated.
+        cfg = load_config(args.config, [
+            f"run.output_root={work}/runs", "run.name=bench", "tune.mode=intuitive", f"data.history_len={args.history}",
+            f"tune.stage2.max_steps={args.steps}", "tune.stage2.max_valid_rows=16", "tune.stage2.warmup_ratio=0.0",
+            *args.overrides, f"llm.model={model_dir}",
+            *([f"encoder.max_epochs={args.encoder_epochs}"] if args.encoder_rows else [])])
+        if args.encoder_rows:
+            write_synthetic_inputs(cfg, n_users=max(1000, args.encoder_rows // 50),
+                                   n_items=max(500, args.encoder_rows // 100), n_rows=args.encoder_rows)
+            encoder = encoder_throughput(cfg)
+            print(f"encoder pretraining, one process, batch {cfg.encoder.batch_size}: {encoder.per_second:,.0f} "
+                  f"samples/s ({encoder.items} samples, {encoder.steps} steps in {encoder.seconds:.1f} s incl. "
+                  f"validation), peak memory {encoder.peak_memory_gib:.2f} GiB")
+        stage = cfg.tune.stage2
+        rows_needed = 10 * args.steps * stage.micro_batch_size * stage.grad_accum * cfg.distributed.num_workers
+        write_synthetic_inputs(cfg, n_users=500, n_items=400, n_rows=max(rows_needed, 2000))
+        random_llm_folder(model_dir, args.shape)
+        if args.runner == "ray":
+            init_ray()
+            tune = tune_on_ray(cfg, work)
+            where = (f"Ray Train, {cfg.distributed.num_workers} worker(s), ZeRO-{cfg.distributed.zero_stage}, "
+                     f"{'GPU' if cfg.distributed.use_gpu else 'CPU'}")
+        else:
+            tune = tune_locally(cfg, model_dir)
+            where = "one process (LocalBackend)"
+        print(f"LoRA tuning, {args.shape}, {where}, dtype {cfg.llm.dtype}, micro-batch {stage.micro_batch_size} "
+              f"x accum {stage.grad_accum}: {tune.per_second:,.0f} tokens/s ({tune.items} tokens, "
+              f"{tune.padded_tokens - tune.items} padding, {tune.steps} steps in {tune.seconds:.1f} s), "
+              f"peak memory {tune.peak_memory_gib:.2f} GiB")

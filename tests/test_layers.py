@@ -1,0 +1,93 @@
+"""The import graph: every module imports only its own layer or the layers below, and nothing is circular.
+
+Layers, bottom up (docs/architecture.md): plain parts, storage and data, model parts and the training
+engine, tasks, the run layout, the scoring pipeline, recipes, the command line, the job entry points.
+Run `python -m pytest tests/test_layers.py` to check a change.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = [
+    ("binllm.config", "binllm.cache", "binllm.codes", "binllm.metrics", "binllm.ray_env"),
+    ("binllm.storage", "binllm.assets", "binllm.plots", "binllm.data"),
+    ("binllm.prompts", "binllm.candidates", "binllm.llm", "binllm.train"),
+    ("binllm.encoder", "binllm.tune"),
+    ("binllm.sources",),
+    ("binllm.pipeline",),
+    ("binllm.recipes",),
+    ("binllm.cli",),
+    ("jobs",),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for top in ("binllm", "jobs") for p in (REPO / top).rglob("*.py")}
+
+
+def imports(name: str) -> set[str]:
+    """Project modules imported by `name` (`from pkg import sub` counts as pkg.sub when that is a module)."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in MODULES else node.module)
+    return {m for m in found if m.split(".")[0] in ("binllm", "jobs") and m in MODULES}
+
+
+def layer(name: str) -> int:
+    for index, prefixes in enumerate(LAYERS):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return index
+    raise AssertionError(f"module {name} is in no layer: add it to LAYERS (and docs/architecture.md)")
+
+
+def test_every_module_has_a_layer():
+    assert len(MODULES) > 40
+    for name in MODULES:
+        layer(name)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_module_imports_a_layer_above_its_own(name):
+    upward = sorted(m for m in imports(name) if layer(m) > layer(name))
+    assert not upward, f"{name} (layer {layer(name)}) imports {upward} from above"
+
+
+def test_job_entry_points_import_no_other_job():
+    for name in MODULES:
+        if name.startswith("jobs.") and not name.startswith("jobs.bench"):
+            others = sorted(m for m in imports(name) if m.startswith("jobs") and not m.startswith("jobs.bench"))
+            assert not others, f"{name} imports the job modules {others}"
+
+
+def test_no_import_cycles():
+    graph = {name: imports(name) - {name} for name in MODULES}
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                raise AssertionError(f"import cycle: {' -> '.join(path[path.index(nxt):] + [nxt])}")
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+
+
+def test_job_entry_points_are_thin():
+    for path in (REPO / "jobs").glob("*.py"):
+        assert len(path.read_text().splitlines()) < 40, f"{path.name} has grown past 40 lines"
