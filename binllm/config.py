@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     history_len: int = 10
     warm_min_train: int = 1  # warm rows: user and item each have >= this many train rows (paper's code: 4)
+    rating_scale: list[float] = field(default_factory=lambda: [1.0, 5.0])  # ratings outside are bad rows
+    bad_rows: Literal["drop", "refuse"] = "drop"  # exact duplicates and out-of-scale ratings: counted, then this
     examples: str = ""  # prepared examples location; empty means <run dir>/examples
 
 
@@ -358,7 +361,17 @@ def load_config(path: str | Path | list[str | Path] | None = None, overrides: li
     return cfg
 
 
+# run.name becomes a folder under run.output_root (and the Ray Train run's name): one path component.
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
 def _validate(cfg: Config) -> None:
+    if not _RUN_NAME.match(cfg.run.name):
+        raise ConfigError(f"config key 'run.name': {cfg.run.name!r} becomes a folder under run.output_root; expected "
+                          "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit (no '/' or '..')")
+    if cfg.score.dt and not _DATE.match(cfg.score.dt):
+        raise ConfigError(f"config key 'score.dt': expected a date YYYY-MM-DD, got {cfg.score.dt!r}")
     if cfg.encoder.bits % 8 != 0 or cfg.encoder.bits <= 0:
         raise ConfigError(f"config key 'encoder.bits': expected a positive multiple of 8, got {cfg.encoder.bits}")
     if cfg.data.split.kind == "fractions":
@@ -375,6 +388,9 @@ def _validate(cfg: Config) -> None:
     if bad_formats or not cfg.paper.code_formats:
         raise ConfigError(f"config key 'paper.code_formats': expected some of ['binary', 'dotted'], got "
                           f"{cfg.paper.code_formats}")
+    scale = cfg.data.rating_scale
+    if len(scale) != 2 or scale[0] > scale[1]:
+        raise ConfigError(f"config key 'data.rating_scale': expected [lowest, highest], got {scale}")
     if cfg.data.warm_min_train < 1:
         raise ConfigError(f"config key 'data.warm_min_train': expected >= 1, got {cfg.data.warm_min_train}")
     if cfg.encoder.vocabulary not in ("train", "all"):

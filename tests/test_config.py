@@ -75,3 +75,15 @@ def test_paper_presets_load_with_the_official_settings():
     assert cfg.prompt.code_format == "binary" and cfg.tune.stage2.micro_batch_tokens == 16384
     cpu = load_config(["ray_config.yaml", "cluster/presets/paper_ml1m.yaml", "cluster/presets/paper_ml1m_cpu.yaml"])
     assert cpu.tune.stage1.max_train_rows > 0 and cpu.paper.max_test_rows > 0
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "..", ".hidden", "x" * 129, "run name"])
+def test_run_names_that_would_leave_the_output_root_are_refused(name):
+    with pytest.raises(ConfigError, match="config key 'run.name'"):
+        load_config(None, [f"run.name={name}"])
+
+
+def test_score_dt_must_be_a_date():
+    with pytest.raises(ConfigError, match="config key 'score.dt': expected a date YYYY-MM-DD"):
+        load_config(None, ["score.dt=../2026-11-27"])
+    assert load_config(None, ["score.dt=2026-11-27", "run.name=ok.v2_x-1"]).score.dt == "2026-11-27"

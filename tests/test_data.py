@@ -8,7 +8,7 @@ import pytest
 from binllm.config import ColumnsConfig, DataConfig
 from binllm.data import DataError, prepare_examples, read_grouplens, read_recbole, read_table
 from binllm.data.prepare import month_index
-from binllm.data.schema import normalise_interactions
+from binllm.data.schema import as_timestamps, normalise_interactions
 
 
 def _interactions(users, items, ratings, times):
@@ -141,3 +141,36 @@ def test_warm_min_train_counts_train_rows_per_user_and_item():
     assert not any(prepare_examples(inter, cfg).column("warm").to_pylist())
     cfg.warm_min_train = 2
     assert prepare_examples(inter, cfg).column("warm").to_pylist()[-2:] == [True, False]
+
+
+@pytest.mark.parametrize("scale, unit", [(1, None), (1000, "milliseconds"), (10**6, "microseconds"),
+                                         (10**9, "nanoseconds")])
+def test_timestamps_in_other_units_are_converted_with_a_note(scale, unit, caplog):
+    seconds = np.array([1_600_000_000, 1_600_000_061, 1_700_000_000], dtype=np.int64)
+    with caplog.at_level("WARNING"):
+        out = as_timestamps(pa.chunked_array([seconds * scale]), "inter.csv", "ts")
+    assert out.to_pylist() == seconds.tolist()
+    assert (f"holds unix {unit}" in caplog.text) == (unit is not None)
+    if unit:
+        assert "inter.csv: column 'ts'" in caplog.text
+
+
+def test_timestamps_that_mix_units_are_refused():
+    with pytest.raises(DataError, match="inter.csv: column 'ts' mixes timestamp units \\(seconds, milliseconds"):
+        as_timestamps(pa.chunked_array([[1_600_000_000, 1_600_000_000_000]]), "inter.csv", "ts")
+
+
+def test_duplicates_and_out_of_scale_ratings_are_counted_then_dropped_or_refused(caplog):
+    inter = _interactions(["a", "a", "a", "b", "b"], [1, 1, 2, 3, 4], [5, 5, 99, 4, -5], [1, 1, 2, 3, 4])
+    cfg = DataConfig()
+    cfg.split.fractions = [1.0, 0.0, 0.0]
+    with caplog.at_level("WARNING"):
+        examples = prepare_examples(inter, cfg)
+    assert examples.num_rows == 2  # one duplicate of (a, 1) and two ratings outside [1, 5] dropped
+    assert "1 exact duplicate rows and 2 ratings outside data.rating_scale [1, 5]: dropped" in caplog.text
+    cfg.bad_rows = "refuse"
+    with pytest.raises(DataError, match=r"1 exact duplicate rows and 2 ratings outside .*'refuse'"):
+        prepare_examples(inter, cfg)
+    cfg.rating_scale = [-5.0, 100.0]
+    with pytest.raises(DataError, match="1 exact duplicate rows and 0 ratings outside"):
+        prepare_examples(inter, cfg)

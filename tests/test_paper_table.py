@@ -1,6 +1,8 @@
 """The paper-table job on planted data with the tiny LLM: every method, the report files, reuse on rerun."""
+import dataclasses
 import json
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -67,10 +69,13 @@ def test_report_files(paper_cfg, paper_run):
     assert "BinLLM (dotted)" in md and "LLM score: logit(' Yes') - logit(' No')" in md
 
 
-def test_rerun_reuses_finished_methods(paper_cfg, paper_run):
-    folder = f"{paper_cfg.run_dir()}/paper/methods"
+def test_rerun_reuses_finished_methods(paper_cfg, paper_run, tmp_path):
+    # On a copy of the run: the module's run stays as the other tests read it.
+    shutil.copytree(paper_cfg.run_dir(), tmp_path / "runs" / paper_cfg.run.name)
+    copy_cfg = dataclasses.replace(paper_cfg, run=dataclasses.replace(paper_cfg.run, output_root=str(tmp_path / "runs")))
+    folder = f"{copy_cfg.run_dir()}/paper/methods"
     stamps = {name: os.path.getmtime(f"{folder}/{name}") for name in os.listdir(folder)}
-    again = run_paper_table(paper_cfg, device="cpu")
+    again = run_paper_table(copy_cfg, device="cpu")
     assert {name: os.path.getmtime(f"{folder}/{name}") for name in os.listdir(folder)} == stamps
     assert again.metrics.column("all_auc").to_pylist() == paper_run.metrics.column("all_auc").to_pylist()
 

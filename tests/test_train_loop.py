@@ -126,3 +126,28 @@ def test_warmup_cosine_starts_ends_and_floors_where_configured():
     assert lrs[-1] == pytest.approx(8e-5, rel=1e-3) and min(lrs[200:]) >= 8e-5 - 1e-12
     with pytest.raises(ValueError, match="floor_factor"):
         warmup_cosine(optimizer, 10, 0.1, floor_factor=1.5)
+
+
+def test_training_shows_a_progress_bar_of_steps(monkeypatch):
+    import binllm.train.loop as loop_module
+
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, **kwargs):
+            self.kwargs, self.steps, self.closed = kwargs, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.steps += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(loop_module, "tqdm", RecordingBar)
+    backend, model, batches, loss_fn, evaluate, _ = _task()
+    result = run_training(backend, model, batches=batches, loss_fn=loss_fn, evaluate=evaluate,
+                          settings=LoopSettings(max_epochs=2, patience=5))
+    (bar,) = bars
+    assert bar.steps == result.steps == 16 and bar.closed
+    assert bar.kwargs["unit"] == "step" and bar.kwargs["disable"] is None  # shown on a terminal, not in logs

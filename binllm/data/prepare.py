@@ -1,12 +1,16 @@
 """Labels, time split, histories and warm/cold flags: interactions -> examples, column-wise."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from binllm.config import DataConfig, SplitConfig
 from binllm.data.schema import DataError
+
+log = logging.getLogger(__name__)
 
 SPLITS = np.array(["train", "valid", "test"], dtype=object)
 
@@ -98,10 +102,31 @@ def warm_flags(user_ids: pa.Array, item_ids: pa.Array, train: np.ndarray, min_tr
     return enough(user_ids) & enough(item_ids)
 
 
+def check_rows(interactions: pa.Table, cfg: DataConfig) -> pa.Table:
+    """Counts exact duplicate rows and ratings outside data.rating_scale; data.bad_rows decides whether
+    they are dropped (with a logged count) or refused (a DataError naming the counts)."""
+    keys = ["user_id", "item_id", "rating", "label", "timestamp"]
+    first = pa.array(~interactions.select(keys).to_pandas().duplicated(keep="first").to_numpy())
+    duplicates = interactions.num_rows - int(pc.sum(first).as_py() or 0)
+    rating = interactions.column("rating")
+    low, high = cfg.rating_scale
+    outside = pc.fill_null(pc.or_(pc.less(rating, low), pc.greater(rating, high)), False)
+    out_of_scale = int(pc.sum(outside).as_py() or 0)
+    if not duplicates and not out_of_scale:
+        return interactions
+    found = (f"interactions: {duplicates} exact duplicate rows and {out_of_scale} ratings outside "
+             f"data.rating_scale [{low:g}, {high:g}]")
+    if cfg.bad_rows == "refuse":
+        raise DataError(f"{found}; data.bad_rows is 'refuse' (set it to 'drop' to drop them)")
+    log.warning("%s: dropped (data.bad_rows: drop)", found)
+    return interactions.filter(pc.and_(first, pc.invert(outside)))
+
+
 def prepare_examples(interactions: pa.Table, cfg: DataConfig) -> pa.Table:
     """Labelled, time-split examples with histories and warm flags, sorted by time (see EXAMPLES)."""
     if interactions.num_rows == 0:
         raise DataError("interactions: no rows to prepare")
+    interactions = check_rows(interactions, cfg)
     labels = labels_from(interactions, cfg.min_rating)
     timestamps = interactions.column("timestamp").to_numpy()
     time_order = np.lexsort((np.arange(len(timestamps)), timestamps))

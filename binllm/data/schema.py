@@ -1,8 +1,18 @@
 """The normalised interaction and item tables every importer returns, and their validation."""
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+log = logging.getLogger(__name__)
+
+# Numeric timestamps by magnitude: unix seconds stay below 1e11 until the year 5138, milliseconds below 1e14,
+# microseconds below 1e17; larger values are nanoseconds.
+_UNITS = (("seconds", 1e11, 1), ("milliseconds", 1e14, 10**3), ("microseconds", 1e17, 10**6),
+          ("nanoseconds", float("inf"), 10**9))
 
 
 class DataError(ValueError):
@@ -44,10 +54,31 @@ def as_numbers(column: pa.ChunkedArray, source: str, name: str) -> pa.ChunkedArr
 
 
 def as_timestamps(column: pa.ChunkedArray, source: str, name: str) -> pa.ChunkedArray:
-    """int64 unix seconds from integer/float seconds, numeric strings, or Arrow timestamps."""
+    """int64 unix seconds from Arrow timestamps, or from numbers (or numeric strings) in seconds,
+    milliseconds, microseconds or nanoseconds: the unit is told by magnitude, converted with a logged
+    note, and a column that mixes units is refused."""
     if pa.types.is_timestamp(column.type):
         return pc.cast(column, pa.timestamp("s", tz=column.type.tz), safe=False).cast(pa.int64())
-    return pc.floor(as_numbers(column, source, name)).cast(pa.int64())
+    if pa.types.is_integer(column.type):  # exact: nanoseconds do not fit a float64's integers
+        if column.null_count:
+            raise DataError(f"{source}: column '{name}' has {column.null_count} empty values; expected numbers")
+        values = column.cast(pa.int64()).to_numpy()
+    else:
+        values = as_numbers(column, source, name).to_numpy()
+    magnitude = np.abs(values.astype(np.float64))
+    classes = np.searchsorted(np.asarray([limit for _, limit, _ in _UNITS[:-1]]), magnitude, side="right")
+    found = np.unique(classes)
+    if len(found) > 1:
+        units = [_UNITS[c][0] for c in found]
+        raise DataError(f"{source}: column '{name}' mixes timestamp units ({', '.join(units)} by magnitude); "
+                        "expected one unit for the whole column (unix seconds, or ms / us / ns)")
+    unit, _, per_second = _UNITS[int(found[0])] if len(found) else _UNITS[0]
+    if per_second != 1:
+        log.warning("%s: column '%s' holds unix %s (largest %d); converted to seconds", source, name, unit,
+                    int(magnitude.max()))
+    if values.dtype.kind == "i":
+        return pa.chunked_array([values // per_second])
+    return pa.chunked_array([np.floor(values / per_second).astype(np.int64)])
 
 
 def normalise_interactions(user, item, rating, label, timestamp, source: str) -> pa.Table:

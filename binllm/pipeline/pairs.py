@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from binllm import candidates, codes, storage
 from binllm.config import PromptConfig, StorageConfig
+from binllm.data.schema import as_timestamps
 from binllm.prompts import build_prompts
 
 LOG, REQUEST, ACTIVE = 0, 1, 2
@@ -51,10 +52,8 @@ def _tagged(n: int, role: int, user_id: pa.Array, item_id: pa.Array | None = Non
 
 
 def timestamp_seconds(column: pa.ChunkedArray) -> pa.Array:
-    column = column.combine_chunks()
-    if pa.types.is_timestamp(column.type):
-        return pc.cast(column.cast(pa.timestamp("s", tz=column.type.tz), safe=False), pa.int64())
-    return column.cast(pa.int64())
+    """Unix seconds of the interaction log's timestamps (ms / us / ns converted as prepare does)."""
+    return as_timestamps(pa.chunked_array([column.combine_chunks()]), "interaction log", "timestamp").combine_chunks()
 
 
 def normalise_log(batch: pa.Table, history_before: int, min_rating: float) -> pa.Table:
