@@ -146,6 +146,7 @@ class LLMConfig:
     dtype: Literal["auto", "float32", "bfloat16", "tf32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU; tf32: fp32
     # weights with TF32 matmuls on GPU
     answer: str = " Yes"
+    trust_remote_code: bool = False  # run Python code shipped in the model folder (auto_map); off unless set
     negative_answer: str = " No"  # score = logit(answer) - logit(negative_answer); empty: the raw answer logit
 
 

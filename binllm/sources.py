@@ -51,6 +51,14 @@ def encoder_uri(cfg: Config) -> str:
     return storage.join_uri(cfg.run_dir(), "encoder")
 
 
+def load_base_model(cfg: Config, *, dtype: str = "", device="cpu"):
+    """(model, tokenizer) of llm.model in `dtype` (default llm.dtype), with llm.trust_remote_code."""
+    from binllm.llm import load_causal_lm
+
+    return load_causal_lm(model_folder(cfg.llm.model, cfg), dtype=dtype or cfg.llm.dtype, device=device,
+                          trust_remote_code=cfg.llm.trust_remote_code)
+
+
 def model_folder(location: str, cfg: Config) -> Path:
     """A local folder with the model: `location` itself, a node-local copy of an s3:// prefix, or the demo model."""
     if location == DEMO_MODEL:

@@ -193,3 +193,12 @@ def test_lora_adapter_round_trip_and_training_forward(tiny_llm_dir, tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(fresh, tmp_path)
+
+
+def test_adapters_load_from_safetensors_only(tiny_llm_dir, tmp_path):
+    base, _ = load_causal_lm(tiny_llm_dir)
+    folder = save_adapter(apply_lora(base), tmp_path / "adapter")
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")  # a pickle would run code
+    fresh, _ = load_causal_lm(tiny_llm_dir)
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing; adapters load from safetensors"):
+        load_adapter(fresh, folder)

@@ -96,3 +96,25 @@ def test_load_rejects_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="no model weights"):
         load_causal_lm(tmp_path)
+
+
+def test_model_folder_code_runs_only_with_trust_remote_code(tiny_llm_dir, tmp_path):
+    """A folder whose config points at its own Python code (auto_map) does not get that code run by default."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llm_dir, folder)
+    marker = tmp_path / "code_ran"
+    (folder / "evil_model.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    pass\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil_model.EvilConfig", "AutoModelForCausalLM": "evil_model.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    try:
+        load_causal_lm(folder)
+    except ValueError as err:  # transformers may refuse the folder outright instead of ignoring auto_map
+        assert "trust_remote_code" in str(err)
+    assert not marker.exists()

@@ -41,10 +41,10 @@ def _check_model_folder(folder: Path) -> None:
         raise ValueError(f"{folder} has a config.json but no model weights (*.safetensors or *.bin)")
 
 
-def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(folder: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The folder's tokenizer with left padding and a pad token (the EOS token when it has none)."""
     folder = Path(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -58,8 +58,10 @@ def load_causal_lm(
     *,
     dtype: DType = "auto",
     device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer) from a local Hugging Face folder, in eval mode, with SDPA attention."""
+    """Load (model, tokenizer) from a local Hugging Face folder, in eval mode, with SDPA attention.
+    The folder's own Python code (auto_map) runs only with trust_remote_code (config key llm.trust_remote_code)."""
     folder = Path(path)
     _check_model_folder(folder)
     if torch.device(device).type == "cuda":
@@ -67,9 +69,9 @@ def load_causal_lm(
         # Spearman 0.997) where bf16 gets 0.87, at about bf16's speed for a small model (docs/gpu_check.md).
         # The flag is process-wide; "float32" turns it off for a true float32 reference.
         torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=resolve_dtype(dtype, device), attn_implementation="sdpa"
+        folder, dtype=resolve_dtype(dtype, device), attn_implementation="sdpa", trust_remote_code=trust_remote_code
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -9,6 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def apply_lora(
@@ -60,4 +61,6 @@ def load_adapter(base_model: PreTrainedModel, folder: str | Path, *, trainable: 
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {ADAPTER_CONFIG} is missing")
-    return PeftModel.from_pretrained(base_model, folder, is_trainable=trainable)
+    if not (folder / ADAPTER_WEIGHTS).is_file():  # never a pickled adapter_model.bin: loading one runs code
+        raise FileNotFoundError(f"{folder}: {ADAPTER_WEIGHTS} is missing; adapters load from safetensors only")
+    return PeftModel.from_pretrained(base_model, folder, is_trainable=trainable)  # prefers the safetensors file

@@ -10,7 +10,7 @@ import torch
 
 from binllm import sources, storage
 from binllm.config import Config
-from binllm.llm import AnswerTokens, answer_tokens, load_adapter, load_causal_lm, score_prompts
+from binllm.llm import AnswerTokens, answer_tokens, load_adapter, score_prompts
 from binllm.metrics import sigmoid
 
 logger = logging.getLogger(__name__)
@@ -36,8 +36,7 @@ class ScorerSpec:
 
 def load_scoring_model(cfg: Config, adapter: str, device: str) -> tuple[torch.nn.Module, object]:
     """Base LLM (local, s3:// or demo, copied once per node) with the LoRA adapter merged in."""
-    model, tokenizer = load_causal_lm(sources.model_folder(cfg.llm.model, cfg), dtype=cfg.score.dtype or cfg.llm.dtype,
-                                      device=device)
+    model, tokenizer = sources.load_base_model(cfg, dtype=cfg.score.dtype, device=device)
     model = load_adapter(model, storage.local_copy(adapter, storage_cfg=cfg.storage)).merge_and_unload()
     model.eval()
     return model, tokenizer

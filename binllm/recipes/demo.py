@@ -22,7 +22,6 @@ from binllm import sources, storage
 from binllm.config import Config
 from binllm.data import split_rows
 from binllm.encoder import export_codes, train_encoder
-from binllm.llm import load_causal_lm
 from binllm.recipes import evaluate, prepare, score
 from binllm.recipes.pretrain_encoder import publish_encoder
 from binllm.recipes.tune_lora import publish_adapter
@@ -83,7 +82,7 @@ def run(cfg: Config, inputs):
     """Two-step LoRA tuning, then every method on a sample of the test split."""
     clock, examples, items, binmf, mf = inputs
     user_codes, item_codes = export_codes(binmf)
-    model, tokenizer = load_causal_lm(sources.model_folder(cfg.llm.model, cfg), dtype=cfg.llm.dtype)
+    model, tokenizer = sources.load_base_model(cfg)
     clock.step("model load")
     tuned = tune_lora(examples, items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer)
     publish_adapter(tuned, sources.adapter_uri(cfg), cfg)

@@ -69,14 +69,14 @@ def score_test_rows(cfg: Config, test: pa.Table, items: pa.Table, user_codes: pa
 def compute_test_scores(cfg: Config) -> pa.Table:
     """Scores the run's test split with every method from the run's artifacts (see the module docstring)."""
     from binllm.encoder import load_encoder, train_encoder
-    from binllm.llm import load_adapter, load_causal_lm
+    from binllm.llm import load_adapter
 
     examples, items = sources.read_examples(cfg)
     user_codes, item_codes = sources.read_code_tables(cfg)
     fs, encoder_path = storage.filesystem_for(sources.encoder_uri(cfg), cfg.storage)
     binmf = load_encoder(encoder_path, filesystem=fs)
     mf = train_encoder(examples, cfg.encoder, kind="mf", seed=cfg.run.seed)
-    model, tokenizer = load_causal_lm(sources.model_folder(cfg.llm.model, cfg), dtype=cfg.llm.dtype)
+    model, tokenizer = sources.load_base_model(cfg)
     adapter = storage.local_copy(sources.adapter_uri(cfg), storage_cfg=cfg.storage)
     llm = load_adapter(model, adapter)
     test = split_rows(examples, "test", cfg.eval.max_test_rows, cfg.run.seed)

@@ -191,7 +191,7 @@ class PaperRun:
                                    tune=dataclasses.replace(cfg.tune, mode="intuitive"))
 
     def _llm_method(self, spec: MethodSpec, started: float) -> MethodResult:
-        from binllm.llm import load_causal_lm, score_prompts
+        from binllm.llm import score_prompts
         from binllm.tune import tune_lora
 
         cfg = self.method_config(spec)
@@ -200,8 +200,7 @@ class PaperRun:
             initial = self.to_adapter()
             earlier_stages = _saved(self.cfg, MethodSpec("TO"), self.test.num_rows).stages
         user_codes, item_codes = self.codes() if spec.method != "TO" else (None, None)
-        model, tokenizer = load_causal_lm(sources.model_folder(cfg.llm.model, cfg), dtype=cfg.llm.dtype,
-                                          device=self.device)
+        model, tokenizer = sources.load_base_model(cfg, device=self.device)
         tuned = tune_lora(self.examples, self.items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer,
                           initial_adapter=initial)
         if spec.method == "TO":

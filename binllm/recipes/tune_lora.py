@@ -18,7 +18,7 @@ from pathlib import Path
 
 from binllm import sources, storage
 from binllm.config import Config
-from binllm.llm import load_causal_lm, save_adapter
+from binllm.llm import save_adapter
 from binllm.tune import TuneResult, tune_lora
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ def train_on_worker(cfg: Config):
     examples, items, user_codes, item_codes = read_inputs(cfg)
     precision = llm_precision(cfg.llm.dtype, cfg.distributed.use_gpu)
     backend = DeepSpeedBackend(cfg.distributed, precision=precision)
-    model, tokenizer = load_causal_lm(sources.model_folder(cfg.llm.model, cfg),
-                                      dtype="bfloat16" if precision == "bf16" else "float32", device=backend.device)
+    model, tokenizer = sources.load_base_model(cfg, dtype="bfloat16" if precision == "bf16" else "float32",
+                                               device=backend.device)
     result = tune_lora(examples, items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer,
                        backend=backend)
     return result, backend
