@@ -10,7 +10,6 @@ import warnings
 from types import ModuleType
 
 from binllm.config import Config, ConfigError, load_config
-from binllm.ray_env import init_ray, loopback_ray_env  # noqa: F401  (re-exported for scripts)
 
 DEFAULT_CONFIG = "ray_config.yaml"
 

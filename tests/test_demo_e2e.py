@@ -18,7 +18,7 @@ from synthetic import make_planted_examples
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    """The demo's closing nightly-scoring step joins this module's Ray (binllm.cli.init_ray reuses it)."""
+    """The demo's closing nightly-scoring step joins this module's Ray (binllm.ray_env.init_ray reuses it)."""
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -18,7 +18,6 @@ metrics.md, metrics.json, test_scores.parquet, auc_bars.png, valid_auc.png, scor
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 import time
