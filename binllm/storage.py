@@ -199,6 +199,14 @@ def write_table(table: pa.Table, uri: str, storage_cfg: StorageConfig | None = N
     pq.write_table(table, path, filesystem=fs)
 
 
+def write_bytes(data: bytes, uri: str, storage_cfg: StorageConfig | None = None) -> None:
+    """One file at `uri` (a report, a plot, a safetensors blob), parent folders created."""
+    fs, path = filesystem_for(uri, storage_cfg)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
 def read_json(uri: str, storage_cfg: StorageConfig | None = None) -> Any:
     fs, path = filesystem_for(uri, storage_cfg)
     try:

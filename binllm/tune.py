@@ -26,6 +26,7 @@ from binllm import data
 from binllm.config import Config, StageConfig
 from binllm.data.schema import DataError
 from binllm.llm import AnswerTokens, answer_tokens, apply_lora, collate_prompts, encode_prompts, yes_logits
+from binllm.llm.batching import length_buckets
 from binllm.llm.forward import unwrap_causal_lm
 from binllm.metrics import auc
 from binllm.prompts import build_prompts
@@ -130,7 +131,8 @@ def train_micro_batches(lengths: np.ndarray, backend: Backend, micro_batch_size:
     rows x longest row within the budget (see `token_budget_micro_batches`).
     """
     if micro_batch_tokens > 0:
-        return token_budget_micro_batches(lengths, backend, micro_batch_tokens, grad_accum, seed, epoch)
+        return token_budget_micro_batches(lengths, micro_batch_tokens, grad_accum, seed, epoch,
+                                          rank=backend.rank, world_size=backend.world_size)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))[backend.shard_indices(len(lengths), even=True)]
     window = micro_batch_size * BUCKET_MICRO_BATCHES
@@ -143,12 +145,12 @@ def train_micro_batches(lengths: np.ndarray, backend: Backend, micro_batch_size:
     return batches[: len(batches) // grad_accum * grad_accum]
 
 
-def token_budget_micro_batches(lengths: np.ndarray, backend: Backend, micro_batch_tokens: int, grad_accum: int,
-                               seed: int, epoch: int) -> list[np.ndarray]:
+def token_budget_micro_batches(lengths: np.ndarray, micro_batch_tokens: int, grad_accum: int, seed: int,
+                               epoch: int, *, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
     """Micro-batches of rows x longest row <= micro_batch_tokens (a longer row gets one of its own).
 
     Every rank plans all rows the same way (same seed), windows of about BUCKET_MICRO_BATCHES budgets of
-    shuffled rows are sorted by length and cut greedily, the batches are shuffled, whole groups of
+    shuffled rows are cut by `length_buckets` (length-sorted), the batches are shuffled, whole groups of
     world_size x grad_accum are kept, and rank r takes every world_size-th batch from r: the ranks run
     the same number of micro-batches per step, so their collectives line up.
     """
@@ -162,18 +164,12 @@ def token_budget_micro_batches(lengths: np.ndarray, backend: Backend, micro_batc
         done = cumulative[start - 1] if start else 0
         stop = max(start + 1, int(np.searchsorted(cumulative, done + window_tokens, side="right")))
         chunk = order[start:stop]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        first = 0
-        for i in range(len(chunk)):
-            if (i + 1 - first) * int(lengths[chunk[i]]) > micro_batch_tokens and i > first:
-                batches.append(chunk[first:i])
-                first = i
-        batches.append(chunk[first:])
+        batches.extend(chunk[rows] for rows in length_buckets(lengths[chunk], micro_batch_tokens))
         start = stop
     batches = [batches[i] for i in rng.permutation(len(batches))]
-    group = backend.world_size * grad_accum
+    group = world_size * grad_accum
     batches = batches[: len(batches) // group * group]
-    return batches[backend.rank::backend.world_size]
+    return batches[rank::world_size]
 
 
 def stage_steps(n_rows: int, world_size: int, settings: StageConfig,
@@ -183,9 +179,8 @@ def stage_steps(n_rows: int, world_size: int, settings: StageConfig,
     if settings.micro_batch_tokens > 0:
         if lengths is None:
             raise ValueError("stage_steps: token-budget micro-batches need the rows' lengths")
-        plan = _WorldShape(world_size)
-        counts = [len(token_budget_micro_batches(lengths, plan, settings.micro_batch_tokens, settings.grad_accum,
-                                                 seed, epoch)) // settings.grad_accum
+        counts = [len(token_budget_micro_batches(lengths, settings.micro_batch_tokens, settings.grad_accum, seed,
+                                                 epoch, world_size=world_size)) // settings.grad_accum
                   for epoch in range(settings.epochs)]
         if counts[0] == 0:
             raise DataError(f"{n_rows} training rows make no optimizer step with micro_batch_tokens="
@@ -201,14 +196,6 @@ def stage_steps(n_rows: int, world_size: int, settings: StageConfig,
             f"{settings.micro_batch_size} and grad_accum={settings.grad_accum}; lower them or add rows")
     total = per_epoch * settings.epochs
     return per_epoch, min(total, settings.max_steps) if settings.max_steps else total
-
-
-class _WorldShape(LocalBackend):
-    """Rank 0 of `world_size`: plans micro-batches as rank 0 of a run of that size would."""
-
-    def __init__(self, world_size: int):
-        super().__init__()
-        self.world_size = world_size
 
 
 class _StageTask:
@@ -241,20 +228,13 @@ class _StageTask:
         self.padded_tokens += int(lengths.max()) * len(rows)
         return F.binary_cross_entropy_with_logits(yes_logits(model, input_ids, mask, self.answer), labels)
 
-    def _eval_batches(self, sorted_lengths: np.ndarray) -> list[tuple[int, int]]:
-        """Consecutive (start, stop) slices of length-sorted rows: 2 x micro_batch_size rows, or rows x
-        longest <= 2 x micro_batch_tokens (no activations are kept for a backward pass)."""
+    def _eval_batches(self, sorted_lengths: np.ndarray) -> list[np.ndarray]:
+        """Positions in length-sorted rows, per forward: 2 x micro_batch_size rows, or rows x longest
+        <= 2 x micro_batch_tokens (no activations are kept for a backward pass)."""
         if self.settings.micro_batch_tokens <= 0:
             size = 2 * self.settings.micro_batch_size
-            return [(s, min(s + size, len(sorted_lengths))) for s in range(0, len(sorted_lengths), size)]
-        budget, slices, start = 2 * self.settings.micro_batch_tokens, [], 0
-        for i in range(len(sorted_lengths)):
-            if (i + 1 - start) * int(sorted_lengths[i]) > budget and i > start:
-                slices.append((start, i))
-                start = i
-        if len(sorted_lengths):
-            slices.append((start, len(sorted_lengths)))
-        return slices
+            return [np.arange(s, min(s + size, len(sorted_lengths))) for s in range(0, len(sorted_lengths), size)]
+        return length_buckets(sorted_lengths, 2 * self.settings.micro_batch_tokens)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """AUC and mean BCE over all validation rows. Every rank scores the same number of batches
@@ -263,9 +243,9 @@ class _StageTask:
         mine = self.backend.shard_indices(len(self.valid), even=True)
         mine = mine[np.argsort(self.valid.lengths[mine], kind="stable")]
         scores = np.empty(len(mine), dtype=np.float32)
-        for start, stop in self._eval_batches(self.valid.lengths[mine]):
-            input_ids, mask, _ = self._tensors(self.valid, mine[start:stop])
-            scores[start:stop] = yes_logits(model, input_ids, mask, self.answer).cpu().numpy()
+        for batch in self._eval_batches(self.valid.lengths[mine]):
+            input_ids, mask, _ = self._tensors(self.valid, mine[batch])
+            scores[batch] = yes_logits(model, input_ids, mask, self.answer).cpu().numpy()
         gathered = self.backend.gather({"index": mine, "score": scores})
         index, first = np.unique(gathered["index"], return_index=True)
         scores, labels = gathered["score"][first], self.valid.labels[index]

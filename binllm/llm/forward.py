@@ -75,7 +75,7 @@ def yes_logits(
         hidden.append(inputs[0][:, -1])
 
     def take_head(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        heads.append(AnswerHead.from_module(module, answer, softcap))
+        heads.append(AnswerHead(module, answer, softcap))
 
     # The hidden state is taken before any wrapper's pre-hook (ZeRO-3 wraps the module's inputs to run
     # its own backward bookkeeping, which must not fire for a module whose output the loss ignores);
@@ -116,27 +116,23 @@ class AnswerHead:
     applied to each logit first), which is what makes last-position scoring cheap and bf16-safe.
     """
 
-    def __init__(self, causal_lm: PreTrainedModel, answer_id: int | AnswerTokens):
+    def __init__(self, head: nn.Module, answer: AnswerTokens, softcap: float | None = None):
+        rows = list(answer.ids)
+        self.weight = head.weight[rows].float()  # [A, H], A = 1 or 2
+        bias = getattr(head, "bias", None)
+        self.bias = bias[rows].float() if bias is not None else None
+        self.softcap = softcap
+
+    @classmethod
+    def of_model(cls, causal_lm: PreTrainedModel, answer_id: int | AnswerTokens) -> AnswerHead:
+        """The head of a causal LM's output embeddings, with the answer tokens checked against its vocabulary."""
         head = causal_lm.get_output_embeddings()
         answer = as_answer_tokens(answer_id)
         vocab = head.weight.shape[0]
         for token in answer.ids:
             if not 0 <= token < vocab:
                 raise ValueError(f"answer token {token} is outside the model's vocabulary of {vocab} tokens")
-        self._init(head, answer, getattr(causal_lm.config, "final_logit_softcapping", None))
-
-    @classmethod
-    def from_module(cls, head: nn.Module, answer: AnswerTokens, softcap: float | None) -> AnswerHead:
-        self = cls.__new__(cls)
-        self._init(head, answer, softcap)
-        return self
-
-    def _init(self, head: nn.Module, answer: AnswerTokens, softcap: float | None) -> None:
-        rows = list(answer.ids)
-        self.weight = head.weight[rows].float()  # [A, H], A = 1 or 2
-        bias = getattr(head, "bias", None)
-        self.bias = bias[rows].float() if bias is not None else None
-        self.softcap = softcap
+        return cls(head, answer, getattr(causal_lm.config, "final_logit_softcapping", None))
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = hidden.float() @ self.weight.T

@@ -70,7 +70,7 @@ def score_encoded(
         return np.empty(0, dtype=np.float32)
     causal_lm = unwrap_causal_lm(model)
     decoder = causal_lm.get_decoder()
-    head = AnswerHead(causal_lm, answer_id)
+    head = AnswerHead.of_model(causal_lm, answer_id)
     with _inference(model):
         if shared_prefix:
             return score_shared_prefix(

@@ -106,9 +106,7 @@ def write_report(cfg: Config, scores: pa.Table) -> tuple[pa.Table, str]:
     text = format_report(table)
     uri = eval_uri(cfg)
     storage.write_table(table, storage.join_uri(uri, "metrics.parquet"), cfg.storage)
-    fs, path = storage.filesystem_for(storage.join_uri(uri, "metrics.md"), cfg.storage)
-    with fs.open_output_stream(path) as out:
-        out.write(f"```\n{text}\n```\n".encode())
+    storage.write_bytes(f"```\n{text}\n```\n".encode(), storage.join_uri(uri, "metrics.md"), cfg.storage)
     return table, text
 
 

@@ -129,6 +129,7 @@ class PaperRun:
         self.test = split_rows(self.examples, "test", cfg.paper.max_test_rows, cfg.run.seed)
         if self.test.num_rows == 0:
             raise ValueError("examples: split 'test' has no rows")
+        self.finished: dict[MethodSpec, MethodResult] = {}  # filled by `run`, in run_order
         self._binmf = None
         self._codes: tuple[pa.Table, pa.Table] | None = None
         self._to_adapter: dict[str, torch.Tensor] | None = None
@@ -146,8 +147,8 @@ class PaperRun:
         if self._binmf is None:
             from binllm.encoder import load_encoder, train_encoder
 
-            fs, path = storage.filesystem_for(sources.encoder_uri(self.cfg), self.cfg.storage)
             if storage.exists(storage.join_uri(sources.encoder_uri(self.cfg), "encoder.json"), self.cfg.storage):
+                fs, path = storage.filesystem_for(sources.encoder_uri(self.cfg), self.cfg.storage)
                 self._binmf = load_encoder(path, filesystem=fs)
             else:
                 self._binmf = train_encoder(self.examples, self.cfg.encoder, kind="binary", seed=self.cfg.run.seed)
@@ -156,8 +157,9 @@ class PaperRun:
 
     def codes(self) -> tuple[pa.Table, pa.Table]:
         if self._codes is None:
-            self.binmf()
-            self._codes = sources.read_code_tables(self.cfg)
+            from binllm.encoder import export_codes
+
+            self._codes = export_codes(self.binmf())
         return self._codes
 
     # --- methods -----------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ class PaperRun:
         initial, earlier_stages = None, []
         if spec.method == "BinLLM":
             initial = self.to_adapter()
-            earlier_stages = _saved(self.cfg, MethodSpec("TO"), self.test.num_rows).stages
+            earlier_stages = self.finished[MethodSpec("TO")].stages
         user_codes, item_codes = self.codes() if spec.method != "TO" else (None, None)
         model, tokenizer = sources.load_base_model(cfg, device=self.device)
         tuned = tune_lora(self.examples, self.items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer,
@@ -231,7 +233,8 @@ class PaperRun:
 
     def _save_to_adapter(self, state: dict[str, torch.Tensor]) -> None:
         self._to_adapter = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        _write_bytes(self.cfg, paper_uri(self.cfg, "adapters", "TO.safetensors"), save_safetensors(self._to_adapter))
+        storage.write_bytes(save_safetensors(self._to_adapter), paper_uri(self.cfg, "adapters", "TO.safetensors"),
+                            self.cfg.storage)
 
 
 @dataclass
@@ -247,7 +250,6 @@ class PaperTable:
 
 def run_paper_table(cfg: Config, device: str | None = None) -> PaperTable:
     """Runs (or resumes) every configured method, then writes the report (see `write_report`)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return publish(cfg, run(cfg, setup(cfg, device)))
 
 
@@ -261,7 +263,7 @@ def run(cfg: Config, paper: PaperRun) -> PaperTable:
     specs = method_specs(cfg.paper.methods, cfg.paper.code_formats)
     log.info("paper table: %d methods on %d test rows (%d warm), device %s", len(specs), paper.test.num_rows,
              int(np.sum(paper.test.column("warm").to_numpy(zero_copy_only=False))), device)
-    done: dict[MethodSpec, MethodResult] = {}
+    done, scored = paper.finished, {}
     skipped = []
     for spec in run_order(specs):
         result = _saved(cfg, spec, paper.test.num_rows)
@@ -273,21 +275,21 @@ def run(cfg: Config, paper: PaperRun) -> PaperTable:
             log.info("method %s ...", spec.name)
             result = paper.run(spec)
             _save(cfg, result)
-        scored = evaluate_scores(paper.test, result.logits)
-        log.info("method %s: test AUC %.4f, UAUC %.4f (%.0f s)", spec.name, scored["all_auc"], scored["all_uauc"],
-                 result.seconds)
+        scored[spec] = evaluate_scores(paper.test, result.logits)
+        log.info("method %s: test AUC %.4f, UAUC %.4f (%.0f s)", spec.name, scored[spec]["all_auc"],
+                 scored[spec]["all_uauc"], result.seconds)
         done[spec] = result
     if skipped:
         log.warning("paper.time_budget_s (%d s) spent: not run %s; a rerun of this run.name adds them",
                     cfg.paper.time_budget_s, skipped)
     results = [done[s] for s in specs if s in done]
-    metrics = report_table({r.spec.name: evaluate_scores(paper.test, r.logits) for r in results})
+    metrics = report_table({r.spec.name: scored[r.spec] for r in results})
     return PaperTable(metrics, results, paper.test, format_report(metrics), time.perf_counter() - started, skipped,
                       device)
 
 
 def publish(cfg: Config, table: PaperTable) -> PaperTable:
-    write_report(cfg, table, table.device)
+    write_report(cfg, table)
     print(table.text)
     print(f"\nreport: {paper_uri(cfg, 'metrics.md')} ({table.seconds:.0f} s)")
     return table
@@ -312,7 +314,7 @@ def _profile_notes(cfg: Config, test: pa.Table) -> list[str]:
     return notes
 
 
-def write_report(cfg: Config, table: PaperTable, device: str) -> None:
+def write_report(cfg: Config, table: PaperTable) -> None:
     """<run dir>/paper/: metrics.md, metrics.json, test_scores.parquet and the PNG plots."""
     from binllm.plots import plot_auc_bars, plot_score_distributions, plot_validation_curves
 
@@ -328,7 +330,7 @@ def write_report(cfg: Config, table: PaperTable, device: str) -> None:
     notes = _profile_notes(cfg, test)
     if table.skipped:
         notes.append(f"not run within paper.time_budget_s: {', '.join(table.skipped)}")
-    machine = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    machine = torch.cuda.get_device_name() if table.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     payload = {"run": cfg.run.name, "device": machine, "wall_seconds": table.seconds, "notes": notes,
                "methods": {r["method"]: r for r in rows},
                "seconds": {r.spec.name: r.seconds for r in table.results},
@@ -339,7 +341,7 @@ def write_report(cfg: Config, table: PaperTable, device: str) -> None:
              f"(this invocation; methods from earlier invocations are reused).", "", "```", table.text, "```", ""]
     lines += [f"- {n}" for n in notes]
     lines += ["", "| method | seconds |", "|---|---|"] + [f"| {r.spec.name} | {r.seconds:.0f} |" for r in table.results]
-    _write_bytes(cfg, paper_uri(cfg, "metrics.md"), ("\n".join(lines) + "\n").encode())
+    storage.write_bytes(("\n".join(lines) + "\n").encode(), paper_uri(cfg, "metrics.md"), cfg.storage)
     with tempfile.TemporaryDirectory(prefix="binllm-paper-") as tmp:
         files = {
             "auc_bars.png": plot_auc_bars(rows, Path(tmp, "auc_bars.png")),
@@ -350,12 +352,4 @@ def write_report(cfg: Config, table: PaperTable, device: str) -> None:
                 test.column("label").to_numpy(zero_copy_only=False).astype(np.int8), Path(tmp, "score_dist.png")),
         }
         for name, path in files.items():
-            _write_bytes(cfg, paper_uri(cfg, name), Path(path).read_bytes())
-
-
-def _write_bytes(cfg: Config, uri: str, data: bytes) -> None:
-    fs, path = storage.filesystem_for(uri, cfg.storage)
-    if not storage.is_s3(uri):
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(data)
+            storage.write_bytes(Path(path).read_bytes(), paper_uri(cfg, name), cfg.storage)
