@@ -98,7 +98,7 @@ class EncoderConfig:
     patience: int = 20  # validations (one per epoch) without improvement
     anneal_epochs: int = 100  # beta (share of hard codes) rises 0 -> 1 over these epochs
     shared_mask: bool = False  # one soft/hard mask per row for the user and item side (the official code)
-    vocabulary: str = "train"  # train: embedding rows for train ids only | all: every id of train/valid/test
+    vocabulary: Literal["train", "all"] = "train"  # train: embedding rows for train ids only | all: every id of train/valid/test
     mf_dim: int = 0  # the MF baseline's embedding size; 0: dim (the paper's MF row: 256)
     codes: str = ""  # code tables location; empty means <run dir>/codes
 
@@ -200,9 +200,12 @@ class EvalConfig:
     max_test_rows: int = 0  # jobs.evaluate scores at most this many test rows (a seeded sample); 0: all
 
 
+PAPER_METHODS = ("MF", "BinMF", "TO", "IO", "IT", "BinLLM")  # the rows of the paper's table, in its order
+
+
 @dataclass
 class PaperConfig:
-    methods: list[str] = field(default_factory=lambda: ["MF", "BinMF", "TO", "IO", "IT", "BinLLM"])
+    methods: list[str] = field(default_factory=lambda: list(PAPER_METHODS))
     code_formats: list[str] = field(default_factory=lambda: ["binary", "dotted"])
     max_test_rows: int = 0  # score at most this many test rows (a seeded sample); 0: the whole test split
     time_budget_s: int = 0  # start no new method after this many seconds (a rerun adds the rest); 0: none
@@ -381,9 +384,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'data.split.fractions': expected three non-negative shares summing to 1, got {fr}")
     if cfg.distributed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'distributed.zero_stage': expected 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
-    bad_methods = sorted(set(cfg.paper.methods) - {"MF", "BinMF", "TO", "IO", "IT", "BinLLM"})
-    if bad_methods or not cfg.paper.methods:
-        raise ConfigError(f"config key 'paper.methods': expected some of [MF, BinMF, TO, IO, IT, BinLLM], got "
+    if set(cfg.paper.methods) - set(PAPER_METHODS) or not cfg.paper.methods:
+        raise ConfigError(f"config key 'paper.methods': expected some of {list(PAPER_METHODS)}, got "
                           f"{cfg.paper.methods}")
     bad_formats = sorted(set(cfg.paper.code_formats) - {"binary", "dotted"})
     if bad_formats or not cfg.paper.code_formats:
@@ -394,8 +396,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.rating_scale': expected [lowest, highest], got {scale}")
     if cfg.data.warm_min_train < 1:
         raise ConfigError(f"config key 'data.warm_min_train': expected >= 1, got {cfg.data.warm_min_train}")
-    if cfg.encoder.vocabulary not in ("train", "all"):
-        raise ConfigError(f"config key 'encoder.vocabulary': expected 'train' or 'all', got {cfg.encoder.vocabulary!r}")
     if cfg.llm.answer == cfg.llm.negative_answer:
         raise ConfigError("config keys 'llm.answer' and 'llm.negative_answer' must differ")
     if cfg.data.history_len < 0:

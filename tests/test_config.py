@@ -25,6 +25,8 @@ def test_nested_sections_keep_defaults_for_keys_left_out(tmp_path):
     ("encoder.bits=12", "config key 'encoder.bits': expected a positive multiple of 8"),
     ("data.split.fractions=[0.5,0.2]", "data.split.fractions"),
     ("nokey", "expected key=value"),
+    ("encoder.vocabulary=every", "config key 'encoder.vocabulary': expected one of"),
+    ("paper.methods=[XX]", "config key 'paper.methods': expected some of"),
 ])
 def test_bad_keys_and_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
