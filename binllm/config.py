@@ -365,7 +365,7 @@ def load_config(path: str | Path | list[str | Path] | None = None, overrides: li
     return cfg
 
 
-# run.name becomes a folder under run.output_root (and the Ray Train run's name): one path component.
+# run.name becomes a folder under run.output_root (and the Ray Train runs' <run.name>-<job>): one path component.
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 

@@ -3,6 +3,7 @@ failure, resume and a re-run of the same run name, and 2-worker encoder pretrain
 single-process result."""
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -20,6 +21,7 @@ from binllm.config import ConfigError, DistributedConfig, load_config
 from binllm.encoder import read_code_tables, train_encoder
 from binllm.recipes import pretrain_encoder, tune_lora
 from binllm.train.deepspeed_config import deepspeed_config, llm_precision
+from binllm.train.distributed import DEFAULT_STAGE, STATE_FILE
 from binllm.recipes.tune_lora import TUNE_SUMMARY_FILE
 from synthetic import make_planted_examples
 
@@ -123,6 +125,32 @@ def test_two_worker_encoder_matches_single_process(tmp_path):
     # Seeds alone move this AUC by about +-0.01; DeepSpeed with one rank takes exactly the local steps.
     assert distributed.best_auc == pytest.approx(single.best_auc, abs=0.03), (distributed.best_auc, single.best_auc)
     assert distributed.best_auc > 0.75
+
+
+def test_encoder_and_lora_jobs_of_one_run_name_keep_separate_ray_train_runs(tmp_path, tiny_llm_dir):
+    cfg = load_config(None, [
+        *TINY_TUNE, "distributed.num_workers=1", f"run.output_root={tmp_path}/runs", "run.name=shared",
+        f"llm.model={tiny_llm_dir}", "encoder.max_epochs=3", "encoder.anneal_epochs=1", "encoder.batch_size=256",
+    ])
+    write_run_inputs(cfg)
+
+    encoder_result = pretrain_encoder.main(cfg)
+    lora_result = tune_lora.main(cfg)
+
+    runs = tmp_path / "runs" / "ray_train"
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == ["shared-encoder", "shared-lora"]
+    assert (Path(encoder_result.path).name, Path(lora_result.path).name) == ("shared-encoder", "shared-lora")
+
+    def stages(run):
+        folders = sorted(f for f in (runs / run).glob("checkpoint_*") if f.is_dir())
+        assert folders, f"no checkpoints in {run}"
+        return {torch.load(f / STATE_FILE, weights_only=False)["stage"] for f in folders}
+
+    assert stages("shared-encoder") == {DEFAULT_STAGE}
+    assert stages("shared-lora") == {"stage1", "stage2"}
+    # The tuning job started fresh: nothing of the encoder's run was resumed.
+    summary = json.loads(Path(sources.adapter_uri(cfg), TUNE_SUMMARY_FILE).read_text())
+    assert [s["resumed_from_step"] for s in summary["stages"]] == [None, None]
 
 
 def test_deepspeed_config_follows_the_distributed_section():

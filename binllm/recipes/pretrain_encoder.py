@@ -4,8 +4,8 @@
     ray job submit --working-dir . -- python -m jobs.pretrain_encoder --config ray_config.yaml
 
 Reads <run dir>/examples (or data.examples); writes <codes>/users.parquet and <codes>/items.parquet
-(encoder.codes, default <run dir>/codes) and the encoder to <run dir>/encoder. The same run.name
-resumes that run from its latest checkpoint; a new run.name starts fresh.
+(encoder.codes, default <run dir>/codes) and the encoder to <run dir>/encoder. Its Ray Train run is
+`<run.name>-encoder`: the same run.name resumes it from its latest checkpoint; a new run.name starts fresh.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def worker(config: dict) -> None:
 def setup(cfg: Config):
     from binllm.train.ray_jobs import build_trainer
 
-    return build_trainer(worker, cfg)
+    return build_trainer(worker, cfg, "encoder")
 
 
 def run(cfg: Config, trainer):

@@ -5,8 +5,8 @@
 
 Reads <run dir>/examples, <run dir>/codes (or data.examples / encoder.codes) and the base model
 (llm.model: a local folder, an s3:// prefix or demo:smollm2-135m); writes the adapter to tune.adapter
-(default <run dir>/adapter) with tune_result.json beside it. The same run.name resumes that run from
-its latest checkpoint; a new run.name starts fresh.
+(default <run dir>/adapter) with tune_result.json beside it. Its Ray Train run is `<run.name>-lora`:
+the same run.name resumes it from its latest checkpoint; a new run.name starts fresh.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def worker(config: dict) -> None:
 def setup(cfg: Config):
     from binllm.train.ray_jobs import build_trainer
 
-    return build_trainer(worker, cfg)
+    return build_trainer(worker, cfg, "lora")
 
 
 def run(cfg: Config, trainer):

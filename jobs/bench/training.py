@@ -142,7 +142,7 @@ def tune_on_ray(cfg: Config, stats_dir: str | Path) -> Throughput:
     """A Ray Train tuning run (single node: the ranks write their figures into stats_dir), summed over ranks."""
     from binllm.train.ray_jobs import build_trainer
 
-    build_trainer(tune_benchmark_worker, cfg, stats_dir=str(stats_dir)).fit()
+    build_trainer(tune_benchmark_worker, cfg, "lora", stats_dir=str(stats_dir)).fit()
     ranks = [json.loads(Path(stats_dir, STATS_FILE.format(rank=r)).read_text())
              for r in range(cfg.distributed.num_workers)]
     return Throughput(items=sum(r["items"] for r in ranks), padded_tokens=sum(r["padded_tokens"] for r in ranks),
