@@ -18,16 +18,14 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 
-from binllm import candidates, sources, storage
+from binllm import sources, storage
 from binllm.config import Config, StorageConfig
 from binllm.pipeline.inputs import InputError, ScoringInputs, check_schema, parquet_paths, resolve_inputs
-from binllm.pipeline.pairs import (PairSpec, build_pairs, normalise_log, normalise_requests, normalise_users,
-                                   timestamp_seconds)
+from binllm.pipeline.pairs import PairSpec, build_pairs, normalise_log, normalise_requests, normalise_users
 from binllm.pipeline.scorer import Scorer, ScorerSpec
 
 logger = logging.getLogger(__name__)
@@ -80,15 +78,12 @@ def _read(uri: str, what: str, columns: list[str], cfg: Config) -> ray.data.Data
     return ray.data.read_parquet(paths, filesystem=fs, partitioning=None).select_columns(columns)
 
 
-def _popular_items(inputs: ScoringInputs, cfg: Config) -> list[str]:
-    """Item ids by interaction count before the cutoff, most first (ties by id)."""
-    fs, paths = parquet_paths(inputs.interactions, "interaction log", cfg.storage)
-    table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=["item_id", "timestamp"])
-    ts = timestamp_seconds(table.column("timestamp"))
-    items = table.column("item_id").cast("string").filter(pc.less(ts, inputs.history_before))
-    ids, index = np.unique(np.asarray(items.to_pylist(), dtype=object), return_inverse=True)  # sorted ids
-    order = candidates.popular_items(index, len(ids))
-    return ids[order][: cfg.score.top_k + POPULAR_EXTRA].tolist()
+def _popular_items(log: ray.data.Dataset, cfg: Config) -> list[str]:
+    """The top_k + POPULAR_EXTRA item ids of the normalised log (rows before the cutoff) by interaction
+    count, most first, ties by id; counted by Ray Data, so the log never has to fit on the driver."""
+    counts = log.select_columns(["item_id"]).groupby("item_id").count()
+    ranked = counts.sort(["count()", "item_id"], descending=[True, False])
+    return [row["item_id"] for row in ranked.take(cfg.score.top_k + POPULAR_EXTRA)]
 
 
 def _requests_dataset(inputs: ScoringInputs, cfg: Config) -> tuple[ray.data.Dataset, str]:
@@ -135,7 +130,7 @@ def run_scoring(cfg: Config) -> ScoringSummary:
     spec = PairSpec(
         key=run_id, items=inputs.items, user_codes=inputs.user_codes, item_codes=inputs.item_codes,
         storage=cfg.storage, prompt=cfg.prompt, history_len=cfg.data.history_len, top_k=cfg.score.top_k,
-        popular=_popular_items(inputs, cfg) if mode == "candidates" else [],
+        popular=_popular_items(log, cfg) if mode == "candidates" else [],
     )
     pairs_expected = rows_in * (cfg.score.top_k if mode == "candidates" else 1)
     partitions = cfg.score.partitions or max(cfg.score.num_actors, -(-pairs_expected // PAIRS_PER_PARTITION))
