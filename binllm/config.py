@@ -316,7 +316,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}': expected key=value, e.g. encoder.lr=0.001")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}': the value is not valid YAML: {exc}") from None
+    except ValueError:  # YAML reads 2026-02-30 as a date that does not exist: keep the text for the key's check
+        value = raw
     return key.strip().split("."), value
 
 
@@ -326,8 +331,8 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a date that does not exist (2026-02-30)
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     return loaded or {}
@@ -376,6 +381,11 @@ def _validate(cfg: Config) -> None:
                           "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit (no '/' or '..')")
     if cfg.score.dt and not _DATE.match(cfg.score.dt):
         raise ConfigError(f"config key 'score.dt': expected a date YYYY-MM-DD, got {cfg.score.dt!r}")
+    if cfg.score.dt:
+        try:
+            _dt.date.fromisoformat(cfg.score.dt)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'score.dt': {cfg.score.dt!r} is not a calendar date ({exc})") from None
     if cfg.encoder.bits % 8 != 0 or cfg.encoder.bits <= 0:
         raise ConfigError(f"config key 'encoder.bits': expected a positive multiple of 8, got {cfg.encoder.bits}")
     if cfg.data.split.kind == "fractions":

@@ -103,6 +103,9 @@ def s3_filesystem(storage_cfg: StorageConfig | None = None) -> pafs.S3FileSystem
     if s["endpoint_url"]:
         endpoint = s["endpoint_url"]
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise StorageError(f"S3 endpoint {endpoint!r} (storage.endpoint_url or AWS_ENDPOINT_URL): expected an "
+                               "http:// or https:// URL, e.g. https://s3.example.com:9000")
         kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
         kwargs["scheme"] = parsed.scheme or "https"
     if s["access_key_id"] and s["secret_access_key"] and not s["anon"]:
@@ -364,7 +367,10 @@ def check_run_id(run_id: str) -> str:
 def check_dt(dt: str) -> str:
     if not _DT.match(dt):
         raise StorageError(f"partition date {dt!r}: expected YYYY-MM-DD")
-    _dt.date.fromisoformat(dt)
+    try:
+        _dt.date.fromisoformat(dt)
+    except ValueError as exc:
+        raise StorageError(f"partition date {dt!r}: not a calendar date ({exc})") from None
     return dt
 
 

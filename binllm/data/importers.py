@@ -103,7 +103,9 @@ def read_table(interactions_path: str, items_path: str, columns: ColumnsConfig, 
     """Generic Parquet/CSV files (or Parquet folders) with a column mapping; a label column may replace ratings."""
     try:
         inter = _read_any(interactions_path, filesystem)
-    except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
+    except FileNotFoundError:
+        raise DataError(f"{interactions_path}: cannot read interactions: file not found") from None
+    except (OSError, pa.ArrowInvalid) as exc:
         raise DataError(f"{interactions_path}: cannot read interactions: {exc}") from None
     needed = [columns.user_id, columns.item_id, columns.timestamp]
     rating_col, label_col = columns.rating or None, columns.label or None
@@ -120,7 +122,9 @@ def read_table(interactions_path: str, items_path: str, columns: ColumnsConfig, 
         inter[label_col] if label_col else None, inter[columns.timestamp], interactions_path)
     try:
         items = _read_any(items_path, items_filesystem or filesystem)
-    except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
+    except FileNotFoundError:
+        raise DataError(f"{items_path}: cannot read the item catalog: file not found") from None
+    except (OSError, pa.ArrowInvalid) as exc:
         raise DataError(f"{items_path}: cannot read the item catalog: {exc}") from None
     require_columns(items, [columns.item_id, columns.title], items_path)
     return interactions, normalise_items(items[columns.item_id], items[columns.title], items_path)

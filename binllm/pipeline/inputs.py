@@ -5,6 +5,7 @@ import datetime as _dt
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -69,6 +70,53 @@ def parquet_paths(uri: str, what: str, storage_cfg: StorageConfig | None = None)
     if not files:
         raise InputError(f"{what} {uri}: folder holds no .parquet files")
     return fs, files
+
+
+def _code_bits(schema: pa.Schema, what: str, uri: str) -> int:
+    bits = schema.field("bits").type
+    if pa.types.is_uint32(bits):
+        return 32
+    if pa.types.is_fixed_size_binary(bits):
+        return 8 * bits.byte_width
+    raise InputError(f"{what} {uri}: column 'bits' is {bits}; expected uint32 (32-bit codes) or fixed-size binary")
+
+
+def check_code_tables(user_uri: str, item_uri: str, storage_cfg: StorageConfig | None = None) -> None:
+    """Both code tables have id and bits, codes of one length, and one code per id (no empty ids)."""
+    lengths = []
+    for uri, what in ((user_uri, "user code table"), (item_uri, "item code table")):
+        lengths.append(_code_bits(check_schema(uri, what, ["id", "bits"], storage_cfg), what, uri))
+        fs, files = parquet_paths(uri, what, storage_cfg)
+        ids = pa.chunked_array([pq.read_table(f, columns=["id"], filesystem=fs).column("id") for f in files])
+        if ids.null_count:
+            raise InputError(f"{what} {uri}: column 'id' has {ids.null_count} empty values; expected an id per code")
+        duplicated = len(ids) - pc.count_distinct(ids).as_py()
+        if duplicated:
+            raise InputError(f"{what} {uri}: column 'id' has {duplicated} duplicated ids; expected one code per id")
+    if lengths[0] != lengths[1]:
+        raise InputError(f"code tables {user_uri} and {item_uri}: user codes have {lengths[0]} bits, item codes "
+                         f"{lengths[1]}; expected one length (both tables from one encoder)")
+
+
+def _file_names(uri: str, storage_cfg: StorageConfig | None) -> list[str]:
+    _, root = storage.filesystem_for(uri, storage_cfg)
+    return sorted(i.path[len(root.rstrip("/")) + 1:] for i in storage.list_files(uri, storage_cfg))
+
+
+def check_model_folders(model_uri: str, adapter_uri: str, storage_cfg: StorageConfig | None = None) -> None:
+    """The base model folder has config.json and weights, the adapter folder its config and safetensors
+    weights: checked here, before scoring actors load them."""
+    names = _file_names(model_uri, storage_cfg)
+    if "config.json" not in names:
+        raise InputError(f"LLM folder {model_uri}: config.json is missing; expected a Hugging Face model folder "
+                         f"(found {names[:10]})")
+    if not any(n.endswith((".safetensors", ".bin", ".index.json")) and "/" not in n for n in names):
+        raise InputError(f"LLM folder {model_uri}: no model weights; expected *.safetensors or *.bin beside config.json")
+    names = _file_names(adapter_uri, storage_cfg)
+    for required, why in (("adapter_config.json", "expected a PEFT adapter folder"),
+                          ("adapter_model.safetensors", "adapters load from safetensors only")):
+        if required not in names:
+            raise InputError(f"LoRA adapter {adapter_uri}: {required} is missing (found {names[:10]}); {why}")
 
 
 def check_schema(uri: str, what: str, required: list[str], storage_cfg: StorageConfig | None = None,

@@ -24,7 +24,8 @@ import ray
 
 from binllm import sources, storage
 from binllm.config import Config, StorageConfig
-from binllm.pipeline.inputs import InputError, ScoringInputs, check_schema, parquet_paths, resolve_inputs
+from binllm.pipeline.inputs import (InputError, ScoringInputs, check_code_tables, check_model_folders, check_schema,
+                                    parquet_paths, resolve_inputs)
 from binllm.pipeline.pairs import PairSpec, build_pairs, normalise_log, normalise_requests, normalise_users
 from binllm.pipeline.scorer import Scorer, ScorerSpec
 
@@ -110,11 +111,11 @@ def run_scoring(cfg: Config) -> ScoringSummary:
     log_schema = check_schema(inputs.interactions, "interaction log", ["user_id", "item_id", "timestamp"],
                               cfg.storage, one_of=["label", "rating"])
     check_schema(inputs.items, "item catalog", ["item_id", "title"], cfg.storage)
-    check_schema(inputs.user_codes, "user code table", ["id", "bits"], cfg.storage)
-    check_schema(inputs.item_codes, "item code table", ["id", "bits"], cfg.storage)
+    check_code_tables(inputs.user_codes, inputs.item_codes, cfg.storage)
     adapter = sources.adapter_uri(cfg)
     storage.require_exists(adapter, "LoRA adapter", cfg.storage)
     model_dir = str(sources.model_folder(cfg.llm.model, cfg)) if cfg.llm.model == sources.DEMO_MODEL else cfg.llm.model
+    check_model_folders(str(model_dir), adapter, cfg.storage)
     checksums = {"model": storage.dir_checksum(model_dir, cfg.storage),
                  "adapter": storage.dir_checksum(adapter, cfg.storage)}
     model_version = cfg.score.model_version or f"adapter-{checksums['adapter'][:12]}"
