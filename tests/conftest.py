@@ -11,9 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import reliability_report
 from ray_cluster import free_port
 
 RAY = Path(sys.executable).with_name("ray")
+
+
+def pytest_configure(config):
+    reliability_report.register(config)  # checks reliability markers; writes $BINLLM_RELIABILITY_REPORT
 
 
 @pytest.fixture(scope="session", autouse=True)
