@@ -110,6 +110,8 @@ class PromptConfig:
     domain: str = "movie"  # singular noun; the plural adds "s" unless domain_plural is set
     domain_plural: str = ""
     empty_history: str = "nothing yet"
+    max_title_tokens: int = 32  # longer titles are cut to this many tokens; 0: no cap
+    max_tokens: int = 512  # a longer prompt drops its oldest history titles until it fits; 0: no cap
 
 
 @dataclass
@@ -410,3 +412,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config keys 'llm.answer' and 'llm.negative_answer' must differ")
     if cfg.data.history_len < 0:
         raise ConfigError(f"config key 'data.history_len': expected >= 0, got {cfg.data.history_len}")
+    for key in ("max_title_tokens", "max_tokens"):
+        if getattr(cfg.prompt, key) < 0:
+            raise ConfigError(f"config key 'prompt.{key}': expected >= 0 (0: no cap), got {getattr(cfg.prompt, key)}")

@@ -63,8 +63,8 @@ def expected_logits(cfg, rows: pa.Table, items: pa.Table, root: str) -> np.ndarr
     """Direct score_prompts of the same pairs (unmerged PEFT model), the reference for the pipeline."""
     user_codes = storage.read_table(f"{root}/codes/users.parquet")
     item_codes = storage.read_table(f"{root}/codes/items.parquet")
-    batch = build_prompts(rows, items, user_codes, item_codes, cfg.prompt)
     model, tokenizer = load_causal_lm(cfg.llm.model, dtype="float32")
+    batch = build_prompts(rows, items, user_codes, item_codes, cfg.prompt, tokenizer=tokenizer)
     model = load_adapter(model, storage.local_copy(f"{root}/adapter"))
     answer = answer_tokens(tokenizer, batch.prefix[0] + batch.suffix[0], " Yes", " No")
     return score_prompts(model, tokenizer, batch.prefix, batch.suffix, answer_id=answer), batch.fallback

@@ -26,7 +26,7 @@ def tune_and_test(data, llm_dir, kind, code_format="binary", epochs=2):
     model, tokenizer = load_causal_lm(llm_dir)
     tuned = tune_lora(examples, items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer)
     test = split_rows(examples, "test", 0, 0)
-    prompts = build_prompts(test, items, user_codes, item_codes, cfg.prompt)
+    prompts = build_prompts(test, items, user_codes, item_codes, cfg.prompt, tokenizer=tokenizer)
     scores = score_prompts(tuned.model, tokenizer, prompts.prefix, prompts.suffix, answer_id=tuned.answer)
     return auc(test.column("label").to_numpy(), scores), tuned
 
@@ -79,7 +79,7 @@ def test_the_tuned_score_is_the_scored_score(title_signal, tiny_llm_dir):
     input_ids, mask = collate_prompts(prompts.token_ids, tokenizer.pad_token_id)
     with torch.no_grad():
         trained = yes_logits(model, input_ids, mask, tuned.answer).numpy()
-    batch = build_prompts(rows, items, user_codes, item_codes, cfg.prompt)
+    batch = build_prompts(rows, items, user_codes, item_codes, cfg.prompt, tokenizer=tokenizer)
     for shared in (True, False):
         scored = score_prompts(model, tokenizer, batch.prefix, batch.suffix, answer_id=tuned.answer,
                                shared_prefix=shared)

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from binllm.llm import answer_token_id, build_tiny_llm, encode_prompt_parts, encode_prompts, load_causal_lm
+from binllm.llm import (answer_token_id, build_tiny_llm, encode_prompt_parts, encode_prompts, load_causal_lm,
+                        prompt_token_counts)
 
 PREFIX = (
     "#Question: A user has given high ratings to the following movies: \"Heat (1995)\", \"Fargo (1996)\". "
@@ -50,6 +51,14 @@ def test_canonical_encoding_is_prefix_tokens_then_suffix_tokens(tokenizer):
     assert encoded.sequences()[0] == prefix_ids + suffix_ids
     # The boundary falls on a space, so the split encoding is also the whole prompt's encoding.
     assert prefix_ids + suffix_ids == tokenizer(PREFIX + SUFFIX)["input_ids"]
+
+
+def test_token_counts_are_the_lengths_of_the_canonical_tokens(tokenizer):
+    prefixes, suffixes = [PREFIX, PREFIX, "A user"], [SUFFIX, " No?", SUFFIX]
+    counts = prompt_token_counts(tokenizer, prefixes, suffixes)
+    assert counts.tolist() == [len(ids) for ids in encode_prompts(tokenizer, prefixes, suffixes)]
+    assert counts[0] == len(tokenizer(PREFIX)["input_ids"]) + len(tokenizer(SUFFIX, add_special_tokens=False)["input_ids"])
+    assert prompt_token_counts(tokenizer, [], []).tolist() == []
 
 
 def test_encoding_rejects_mismatched_and_empty_inputs(tokenizer):

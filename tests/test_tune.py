@@ -46,10 +46,10 @@ def _tune(planted, llm_dir, *overrides):
     return tune_lora(examples, items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer), cfg, tokenizer
 
 
-def _valid_prompts(planted, cfg):
+def _valid_prompts(planted, cfg, tokenizer):
     examples, items, user_codes, item_codes = planted
     rows = split_rows(examples, "valid", 0, 0)
-    return build_prompts(rows, items, user_codes, item_codes, cfg.prompt, kind="full"), rows
+    return build_prompts(rows, items, user_codes, item_codes, cfg.prompt, kind="full", tokenizer=tokenizer), rows
 
 
 def test_intuitive_tuning_learns_the_planted_signal(planted, tiny_llm_dir):
@@ -85,7 +85,7 @@ def test_saved_adapter_loads_with_peft_and_scores_identically(planted, tiny_llm_
 
     base, _ = load_causal_lm(tiny_llm_dir)
     loaded = PeftModel.from_pretrained(base, folder).eval()
-    prompts, rows = _valid_prompts(planted, cfg)
+    prompts, rows = _valid_prompts(planted, cfg, tokenizer)
     kwargs = dict(answer_id=result.answer, shared_prefix=False)
     tuned_scores = score_prompts(result.model.eval(), tokenizer, prompts.prefix, prompts.suffix, **kwargs)
     loaded_scores = score_prompts(loaded, tokenizer, prompts.prefix, prompts.suffix, **kwargs)

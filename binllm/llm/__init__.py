@@ -12,6 +12,7 @@ from binllm.llm.tokens import (
     as_answer_tokens,
     encode_prompt_parts,
     encode_prompts,
+    prompt_token_counts,
 )
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "load_adapter",
     "load_causal_lm",
     "load_tokenizer",
+    "prompt_token_counts",
     "save_adapter",
     "score_encoded",
     "score_prompts",

@@ -59,6 +59,16 @@ def encode_prompts(
     return encode_prompt_parts(tokenizer, prefixes, suffixes).sequences()
 
 
+def prompt_token_counts(
+    tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str], suffixes: Sequence[str]
+) -> np.ndarray:
+    """The length of each prompt's canonical tokens (`encode_prompts`), int64 in input order."""
+    encoded = encode_prompt_parts(tokenizer, prefixes, suffixes)
+    prefix_len = np.fromiter(map(len, encoded.prefix_ids), dtype=np.int64, count=len(encoded.prefix_ids))
+    suffix_len = np.fromiter(map(len, encoded.suffix_ids), dtype=np.int64, count=len(encoded.suffix_ids))
+    return prefix_len[encoded.pair_prefix] + suffix_len
+
+
 @dataclass(frozen=True)
 class AnswerTokens:
     """The tokens a click score is read from: the "Yes" token, and optionally the "No" token.

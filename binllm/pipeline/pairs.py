@@ -118,6 +118,7 @@ class PairSpec:
     history_len: int
     top_k: int
     popular: list[str]  # most interacted item ids first, for candidate users without a code
+    tokenizer: object = None  # the LLM's tokenizer: prompt.max_title_tokens and prompt.max_tokens count its tokens
 
 
 class PairBuilder:
@@ -170,7 +171,8 @@ class PairBuilder:
             return PAIR_SCHEMA.empty_table()
         users, histories = user_histories(log, self.spec.history_len)
         rows = requests.append_column("history", attach_histories(_ids(requests.column("user_id")), users, histories))
-        batch = build_prompts(rows, self.items, self.user_codes, self.item_codes, self.spec.prompt)
+        batch = build_prompts(rows, self.items, self.user_codes, self.item_codes, self.spec.prompt,
+                              tokenizer=self.spec.tokenizer)
         out = pa.table({
             "user_id": _ids(rows.column("user_id")),
             "item_id": _ids(rows.column("item_id")),

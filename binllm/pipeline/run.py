@@ -24,6 +24,7 @@ import ray
 
 from binllm import sources, storage
 from binllm.config import Config, StorageConfig
+from binllm.llm import load_tokenizer
 from binllm.pipeline.inputs import (InputError, ScoringInputs, check_code_tables, check_model_folders, check_schema,
                                     parquet_paths, resolve_inputs)
 from binllm.pipeline.pairs import PairSpec, build_pairs, normalise_log, normalise_requests, normalise_users
@@ -114,10 +115,11 @@ def run_scoring(cfg: Config) -> ScoringSummary:
     check_code_tables(inputs.user_codes, inputs.item_codes, cfg.storage)
     adapter = sources.adapter_uri(cfg)
     storage.require_exists(adapter, "LoRA adapter", cfg.storage)
-    model_dir = str(sources.model_folder(cfg.llm.model, cfg)) if cfg.llm.model == sources.DEMO_MODEL else cfg.llm.model
+    model_dir = sources.model_folder(cfg.llm.model, cfg)  # this node's copy of an s3:// model: the same checksum
     check_model_folders(str(model_dir), adapter, cfg.storage)
-    checksums = {"model": storage.dir_checksum(model_dir, cfg.storage),
+    checksums = {"model": storage.dir_checksum(str(model_dir), cfg.storage),
                  "adapter": storage.dir_checksum(adapter, cfg.storage)}
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.llm.trust_remote_code)
     model_version = cfg.score.model_version or f"adapter-{checksums['adapter'][:12]}"
 
     log_columns = ["user_id", "item_id", "timestamp", "label" if "label" in log_schema.names else "rating"]
@@ -131,7 +133,7 @@ def run_scoring(cfg: Config) -> ScoringSummary:
     spec = PairSpec(
         key=run_id, items=inputs.items, user_codes=inputs.user_codes, item_codes=inputs.item_codes,
         storage=cfg.storage, prompt=cfg.prompt, history_len=cfg.data.history_len, top_k=cfg.score.top_k,
-        popular=_popular_items(log, cfg) if mode == "candidates" else [],
+        popular=_popular_items(log, cfg) if mode == "candidates" else [], tokenizer=tokenizer,
     )
     pairs_expected = rows_in * (cfg.score.top_k if mode == "candidates" else 1)
     partitions = cfg.score.partitions or max(cfg.score.num_actors, -(-pairs_expected // PAIRS_PER_PARTITION))

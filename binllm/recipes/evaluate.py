@@ -53,7 +53,7 @@ def score_test_rows(cfg: Config, test: pa.Table, items: pa.Table, user_codes: pa
     from binllm.encoder import score_pairs
     from binllm.llm import answer_tokens, score_prompts
 
-    prompts = build_prompts(test, items, user_codes, item_codes, cfg.prompt)
+    prompts = build_prompts(test, items, user_codes, item_codes, cfg.prompt, tokenizer=tokenizer)
     answer = answer_tokens(tokenizer, prompts.texts[0], cfg.llm.answer, cfg.llm.negative_answer)
     llm_logits = score_prompts(llm, tokenizer, prompts.prefix, prompts.suffix, answer_id=answer,
                                shared_prefix=cfg.score.shared_prefix, max_batch_tokens=cfg.score.max_batch_tokens)

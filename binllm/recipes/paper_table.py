@@ -203,7 +203,7 @@ class PaperRun:
                           initial_adapter=initial)
         if spec.method == "TO":
             self._save_to_adapter(tuned.adapter_state)
-        prompts = build_prompts(self.test, self.items, user_codes, item_codes, cfg.prompt)
+        prompts = build_prompts(self.test, self.items, user_codes, item_codes, cfg.prompt, tokenizer=tokenizer)
         logits = score_prompts(tuned.model, tokenizer, prompts.prefix, prompts.suffix, answer_id=tuned.answer,
                                shared_prefix=cfg.score.shared_prefix, max_batch_tokens=cfg.score.max_batch_tokens)
         stages = [dataclasses.asdict(s) for s in tuned.stages]

@@ -84,7 +84,9 @@ def exactness_prompts(examples_dir: str | None, users: int, candidates: int, see
         "item_id": [item_pool[j] for j in rng.integers(0, len(item_pool), len(histories) * candidates)],
         "history": pa.array([h for _, h in histories for _ in range(candidates)], pa.list_(pa.string())),
     })
-    prompts = build_prompts(pairs, items, user_codes, item_codes, PromptConfig(kind="full", code_format="dotted"))
+    # Both scoring paths get the same prompts: no token caps needed (and no tokenizer) to compare them.
+    prompts = build_prompts(pairs, items, user_codes, item_codes,
+                            PromptConfig(kind="full", code_format="dotted", max_title_tokens=0, max_tokens=0))
     groups = np.repeat(np.arange(len(histories)), candidates)
     return prompts.prefix, prompts.suffix, groups
 

@@ -89,7 +89,7 @@ def plain_loop(cfg, root: Path, requests: pa.Table, batch_size: int) -> tuple[fl
     rows = rows.append_column("history", attach_histories(rows["user_id"].combine_chunks(), users, histories))
     batch = build_prompts(rows, storage.read_table(str(root / "examples" / "items.parquet")),
                           storage.read_table(str(root / "codes" / "users.parquet")),
-                          storage.read_table(str(root / "codes" / "items.parquet")), cfg.prompt)
+                          storage.read_table(str(root / "codes" / "items.parquet")), cfg.prompt, tokenizer=tokenizer)
     answer = answer_tokens(tokenizer, batch.prefix[0] + batch.suffix[0], cfg.llm.answer, cfg.llm.negative_answer)
     logits = []
     for s in range(0, len(batch), batch_size):
