@@ -15,7 +15,7 @@ LAYERS = [
     ("binllm.storage", "binllm.assets", "binllm.plots", "binllm.data"),
     ("binllm.prompts", "binllm.candidates", "binllm.llm", "binllm.train"),
     ("binllm.encoder", "binllm.tune"),
-    ("binllm.sources",),
+    ("binllm.sources", "binllm.prompt_spec"),
     ("binllm.pipeline",),
     ("binllm.recipes",),
     ("binllm.cli",),

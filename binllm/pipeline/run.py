@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 
-from binllm import sources, storage
+from binllm import prompt_spec, sources, storage
 from binllm.config import Config, StorageConfig
 from binllm.llm import load_tokenizer
 from binllm.pipeline.inputs import (InputError, ScoringInputs, check_code_tables, check_model_folders, check_schema,
@@ -119,6 +119,7 @@ def run_scoring(cfg: Config) -> ScoringSummary:
     check_model_folders(str(model_dir), adapter, cfg.storage)
     checksums = {"model": storage.dir_checksum(str(model_dir), cfg.storage),
                  "adapter": storage.dir_checksum(adapter, cfg.storage)}
+    prompt_spec.check_adapter(adapter, cfg, base_model_sha256=checksums["model"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.llm.trust_remote_code)
     model_version = cfg.score.model_version or f"adapter-{checksums['adapter'][:12]}"
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from binllm import sources, storage
+from binllm import prompt_spec, sources, storage
 from binllm.config import Config
 from binllm.data import split_rows
 from binllm.metrics import evaluate_scores, format_report, report_table, sigmoid
@@ -71,13 +71,15 @@ def compute_test_scores(cfg: Config) -> pa.Table:
     from binllm.encoder import load_encoder, train_encoder
     from binllm.llm import load_adapter
 
+    adapter_uri = sources.adapter_uri(cfg)
+    prompt_spec.check_adapter(adapter_uri, cfg)
     examples, items = sources.read_examples(cfg)
     user_codes, item_codes = sources.read_code_tables(cfg)
     fs, encoder_path = storage.filesystem_for(sources.encoder_uri(cfg), cfg.storage)
     binmf = load_encoder(encoder_path, filesystem=fs)
     mf = train_encoder(examples, cfg.encoder, kind="mf", seed=cfg.run.seed)
     model, tokenizer = sources.load_base_model(cfg)
-    adapter = storage.local_copy(sources.adapter_uri(cfg), storage_cfg=cfg.storage)
+    adapter = storage.local_copy(adapter_uri, storage_cfg=cfg.storage)
     llm = load_adapter(model, adapter)
     test = split_rows(examples, "test", cfg.eval.max_test_rows, cfg.run.seed)
     log.info("scoring %d test rows with MF, BinMF and BinLLM", test.num_rows)

@@ -16,7 +16,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from binllm import sources, storage
+from binllm import prompt_spec, sources, storage
 from binllm.config import Config
 from binllm.llm import save_adapter
 from binllm.tune import TuneResult, tune_lora
@@ -52,13 +52,15 @@ def train_on_worker(cfg: Config):
 
 
 def publish_adapter(result: TuneResult, uri: str, cfg: Config) -> None:
-    """Writes the adapter folder (+ a tuning summary) to `uri`, local or s3://; adapter_config.json goes
-    last, so a reader never loads a partly written or partly replaced adapter."""
+    """Writes the adapter folder (+ a tuning summary and the prompt spec it was tuned with, see
+    binllm.prompt_spec) to `uri`, local or s3://; adapter_config.json goes last, so a reader never loads a
+    partly written or partly replaced adapter."""
     summary = {"best_auc": result.best_auc, "answer": dataclasses.asdict(result.answer), "base_model": cfg.llm.model,
                "stages": [dataclasses.asdict(s) for s in result.stages]}
     with tempfile.TemporaryDirectory() as local:
         save_adapter(result.model, local, state=result.adapter_state)
         Path(local, TUNE_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        Path(local, prompt_spec.SPEC_FILE).write_text(json.dumps(prompt_spec.spec_for(cfg), indent=2))
         storage.upload_dir(local, uri, cfg.storage, last=("adapter_config.json",))
 
 
