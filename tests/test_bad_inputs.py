@@ -183,7 +183,7 @@ SCORE_CASES = [
          "LoRA adapter {bad}/adapter_bin_only: adapter_model.safetensors is missing (found {adapter_files}); adapters "
          "load from safetensors only", "adapter folder with a pickled .bin only",
          "adapter-bin-only"),
-    case("score", ["llm.model={bad}/nope"], "folder not found: {bad}/nope",
+    case("score", ["llm.model={bad}/nope"], "LLM folder not found or empty: {bad}/nope",
          "model folder that does not exist", "model-missing"),
     case("score", ["llm.model={bad}/model_no_config"],
          "LLM folder {bad}/model_no_config: config.json is missing; expected a Hugging Face model folder (found "

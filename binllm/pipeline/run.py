@@ -115,8 +115,8 @@ def run_scoring(cfg: Config) -> ScoringSummary:
     check_code_tables(inputs.user_codes, inputs.item_codes, cfg.storage)
     adapter = sources.adapter_uri(cfg)
     storage.require_exists(adapter, "LoRA adapter", cfg.storage)
+    check_model_folders(cfg.llm.model, adapter, cfg.storage)
     model_dir = sources.model_folder(cfg.llm.model, cfg)  # this node's copy of an s3:// model: the same checksum
-    check_model_folders(str(model_dir), adapter, cfg.storage)
     checksums = {"model": storage.dir_checksum(str(model_dir), cfg.storage),
                  "adapter": storage.dir_checksum(adapter, cfg.storage)}
     prompt_spec.check_adapter(adapter, cfg, base_model_sha256=checksums["model"])
