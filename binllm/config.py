@@ -30,12 +30,16 @@ class RunConfig:
 @dataclass
 class StorageConfig:
     # s3:// settings; None falls back to the standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION, ...).
+    # Credentials are no config keys: they come only from the AWS mechanisms (see CREDENTIAL_KEYS).
     endpoint_url: str | None = None
     region: str | None = None
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
     anon: bool = False
+    max_attempts: int = 5  # attempts per S3 request (AWS standard retries: 5xx, SlowDown, dropped connections)
+
+
+# Refused wherever they appear (file or --set): a config is copied into manifests, logs and job specs.
+CREDENTIAL_KEYS = {"storage.access_key_id": "AWS_ACCESS_KEY_ID", "storage.secret_access_key": "AWS_SECRET_ACCESS_KEY",
+                   "storage.session_token": "AWS_SESSION_TOKEN"}
 
 
 @dataclass
@@ -198,6 +202,8 @@ class ScoreConfig:
 
 
 @dataclass
+    stale_run_hours: float = 24.0  # unpublished run folders older than this (any date of the output) are removed
+    fail_at_batch: int = 0  # fault-injection hook for tests: a scoring actor's process exits at this batch, once per run and node
 class EvalConfig:
     max_test_rows: int = 0  # jobs.evaluate scores at most this many test rows (a seeded sample); 0: all
 
@@ -306,6 +312,9 @@ def _apply(section: Any, values: dict[str, Any], prefix: str = "") -> None:
         if name not in hints:
             raise ConfigError(f"unknown config key '{key}'; known keys here: {sorted(hints)}")
         current = getattr(section, name)
+        if key in CREDENTIAL_KEYS:
+            raise ConfigError(f"config key '{key}': credentials are not read from configs; set {CREDENTIAL_KEYS[key]} "
+                              "in the job's environment (or use an AWS profile or instance role) instead")
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
@@ -413,5 +422,9 @@ def _validate(cfg: Config) -> None:
     if cfg.data.history_len < 0:
         raise ConfigError(f"config key 'data.history_len': expected >= 0, got {cfg.data.history_len}")
     for key in ("max_title_tokens", "max_tokens"):
+    if cfg.storage.max_attempts < 1:
+        raise ConfigError(f"config key 'storage.max_attempts': expected >= 1, got {cfg.storage.max_attempts}")
+    if cfg.score.stale_run_hours <= 0:
+        raise ConfigError(f"config key 'score.stale_run_hours': expected > 0 hours, got {cfg.score.stale_run_hours}")
         if getattr(cfg.prompt, key) < 0:
             raise ConfigError(f"config key 'prompt.{key}': expected >= 0 (0: no cap), got {getattr(cfg.prompt, key)}")

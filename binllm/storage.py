@@ -1,10 +1,14 @@
 """Where data lives: plain paths, file:// and s3:// URIs behind one pyarrow filesystem, and the publish
 protocol that makes a run's outputs visible all at once.
 
-S3 settings come from `StorageConfig` when set, else from the standard AWS variables
-(AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN). They are resolved once, in the process that builds the
-filesystem, and travel with it when Ray pickles it to workers on other nodes.
+S3 endpoint and region come from `StorageConfig` when set, else from the standard AWS variables
+(AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION). Credentials come only from the
+standard AWS mechanisms, never from a config file: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+AWS_SESSION_TOKEN, else the AWS SDK's own chain (profile, instance or pod role). A job resolves them once
+in its driver (`with_credentials`) and hands the result to Ray workers, whose environment may lack the
+variables; they are never written to an output, a manifest or a log. Every S3 request is retried up to
+`storage.max_attempts` times (AWS standard retry strategy: 5xx, SlowDown, dropped connections), also in
+workers (the filesystem keeps its retry strategy when Ray pickles it).
 
 Published layout (see docs/pipeline_benchmark.md, "Output layout and readers"):
 
@@ -13,11 +17,32 @@ Published layout (see docs/pipeline_benchmark.md, "Output layout and readers"):
     <root>/dt=2026-11-26/_manifest.json                the pointer: a copy of the live run's manifest,
                                                        written last (one atomic PUT / rename)
 
+    <root>/dt=2026-11-26/run=<run_id>/_run.json        the run's marker: started_at and state
+                                                       (running | published), written before any data
+
 Readers that follow the pointer (`read_partition`, or the file list in `_manifest.json`) see the old
 complete run or the new one, never a mix. Runs other than the live one are deleted after the pointer
 flips, so a plain hive reader of <root> sees exactly one run per date except while a publish is in
 progress or after a run crashed before publishing; the `run` hive column tells such a reader which
 rows belong to the live run.
+
+Several runs of one date at once (no lock is needed, and S3 has no compare-and-swap in pyarrow):
+the run that STARTED last wins, whatever the order they finish in. A publisher writes its run
+manifest, then makes the pointer name the newest run that has a run manifest and re-lists until the
+pointer and the listing agree. A run that finds a newer one removes its own folder and raises
+`RunSuperseded` (its job fails with that message); a run that had already published is superseded by
+the newer one when that one publishes. A winner deletes older runs of its date only once they are
+finished (marker state `published`, or an older layout without a marker): an older run that is still
+publishing is never deleted under it, it removes itself when it sees the newer run. With two
+concurrent writers the pointer always names a complete run; with three or more, a reader may for a
+moment find the pointer naming a run that is being removed, and then fails on the missing file
+rather than reading a mix.
+
+Leftover runs (a job killed after writing data, before publishing) are removed by the next run of any
+date under the same root (`remove_stale_runs`): a `run=` folder that is not its date's live run and
+whose marker says it started more than `score.stale_run_hours` ago (no marker: its newest file is that
+old). A concurrently running job's folder is younger than that, as long as `score.stale_run_hours`
+exceeds the longest run.
 """
 from __future__ import annotations
 
@@ -29,8 +54,9 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -45,6 +71,7 @@ from binllm.config import StorageConfig
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
+RUN_MARKER = "_run.json"
 MANIFEST_FORMAT = "binllm-manifest/1"
 CACHE_MARKER = ".binllm-download.json"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -53,6 +80,10 @@ _DT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 class StorageError(RuntimeError):
     """A path is missing, malformed, or its contents are not what was expected."""
+
+
+class RunSuperseded(StorageError):
+    """A run of a date lost to a run of the same date that started after it (see the module docstring)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,24 +112,70 @@ def _setting(configured: str | None, *env_names: str) -> str | None:
     return None
 
 
-def resolve_s3_settings(storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
-    """endpoint_url, region, access_key_id, secret_access_key, session_token, anon: the configured value, else
-    the AWS variable of this process. Jobs resolve them once in the driver and hand them to workers, whose
-    environment may lack the variables."""
+@dataclass
+class S3Settings(StorageConfig):
+    """StorageConfig plus the credentials of the standard AWS variables of the process that built it (the
+    driver). Travels to Ray workers inside the job's configuration; never printed (repr) nor recorded:
+    manifests record the job's configuration, which cannot hold credentials."""
+
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+
+def with_credentials(storage_cfg: StorageConfig | None = None) -> S3Settings:
+    """`storage_cfg` with endpoint and region resolved (config, else AWS variables) and the credentials of
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (None: workers use the SDK's chain)."""
     cfg = storage_cfg or StorageConfig()
+    if isinstance(cfg, S3Settings):
+        return cfg
+    s = resolve_s3_settings(cfg)
+    return S3Settings(**{f.name: getattr(cfg, f.name) for f in fields(StorageConfig)}
+                      | {k: s[k] for k in ("endpoint_url", "region", "access_key_id", "secret_access_key",
+                                           "session_token")})
+
+
+def resolve_s3_settings(storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
+    """endpoint_url, region (the configured value, else the AWS variable), access_key_id, secret_access_key,
+    session_token (carried by `S3Settings`, else the AWS variables of this process), anon, max_attempts."""
+    cfg = storage_cfg or StorageConfig()
+    if isinstance(cfg, S3Settings):
+        creds = (cfg.access_key_id, cfg.secret_access_key, cfg.session_token)
+    else:
+        creds = (os.environ.get("AWS_ACCESS_KEY_ID") or None, os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+                 os.environ.get("AWS_SESSION_TOKEN") or None)
     return {
         "endpoint_url": _setting(cfg.endpoint_url, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
         "region": _setting(cfg.region, "AWS_REGION", "AWS_DEFAULT_REGION"),
-        "access_key_id": _setting(cfg.access_key_id, "AWS_ACCESS_KEY_ID"),
-        "secret_access_key": _setting(cfg.secret_access_key, "AWS_SECRET_ACCESS_KEY"),
-        "session_token": cfg.session_token or (None if cfg.access_key_id else os.environ.get("AWS_SESSION_TOKEN")),
+        "access_key_id": creds[0],
+        "secret_access_key": creds[1],
+        "session_token": creds[2],
         "anon": bool(cfg.anon),
+        "max_attempts": cfg.max_attempts,
     }
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with a retry strategy that survives pickling (the plain one is rebuilt with
+    the default 3 attempts in Ray workers)."""
+
+    def __init__(self, kwargs: dict[str, Any], max_attempts: int):
+        super().__init__(**kwargs, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts))
+        self._kwargs, self._max_attempts = kwargs, max_attempts
+
+    def __reduce__(self):
+        return RetryingS3FileSystem, (self._kwargs, self._max_attempts)
+
+    def __repr__(self) -> str:
+        return f"RetryingS3FileSystem(endpoint={self._kwargs.get('endpoint_override')!r}, max_attempts={self._max_attempts})"
+
+
 def s3_filesystem(storage_cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem with endpoint, region and credentials from `storage_cfg` or the AWS variables."""
+    """A pyarrow S3 filesystem: endpoint and region from `storage_cfg` or the AWS variables, credentials
+    from the AWS mechanisms (see the module docstring), `storage_cfg.max_attempts` attempts per request."""
     s = resolve_s3_settings(storage_cfg)
+    if s["max_attempts"] < 1:
+        raise StorageError(f"config key 'storage.max_attempts': expected >= 1, got {s['max_attempts']}")
     kwargs: dict[str, Any] = {"region": s["region"] or "us-east-1", "anonymous": s["anon"]}
     if s["endpoint_url"]:
         endpoint = s["endpoint_url"]
@@ -111,7 +188,7 @@ def s3_filesystem(storage_cfg: StorageConfig | None = None) -> pafs.S3FileSystem
     if s["access_key_id"] and s["secret_access_key"] and not s["anon"]:
         kwargs.update(access_key=s["access_key_id"], secret_key=s["secret_access_key"],
                       session_token=s["session_token"])
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(kwargs, s["max_attempts"])
 
 
 def filesystem_for(uri: str | os.PathLike, storage_cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
@@ -210,11 +287,35 @@ def write_bytes(data: bytes, uri: str, storage_cfg: StorageConfig | None = None)
         out.write(data)
 
 
+def _retrying(fs: pafs.FileSystem, attempts: int, action, *args):
+    """`action(*args)`, retried on S3 I/O errors. pyarrow's S3 reads land an error answer's body in the
+    caller's buffer; when the object is smaller than that body (a 503 SlowDown's XML is ~200 bytes) the
+    SDK gives up without retrying ("Failed to flush response stream"), so whole-file reads retry here."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action(*args)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt == attempts or isinstance(fs, pafs.LocalFileSystem):
+                raise
+            time.sleep(min(0.05 * 2 ** attempt, 2.0))
+    raise AssertionError("unreachable")
+
+
+def _attempts(storage_cfg: StorageConfig | None) -> int:
+    return (storage_cfg or StorageConfig()).max_attempts
+
+
+def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
 def read_json(uri: str, storage_cfg: StorageConfig | None = None) -> Any:
     fs, path = filesystem_for(uri, storage_cfg)
     try:
-        with fs.open_input_stream(path) as stream:
-            data = stream.read()
+        data = _retrying(fs, _attempts(storage_cfg), _read_bytes, fs, path)
     except FileNotFoundError as exc:
         raise StorageError(f"JSON file not found: {uri}") from exc
     try:
@@ -297,8 +398,8 @@ def download_dir(uri: str, local_dir: str | os.PathLike, storage_cfg: StorageCon
         for rel, size, _ in entries:
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(f"{root}/{rel}", str(dest), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+            _retrying(fs, _attempts(storage_cfg), lambda: pafs.copy_files(
+                f"{root}/{rel}", str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()))
             got = dest.stat().st_size
             if got != size:
                 raise StorageError(f"download of {uri}/{rel}: got {got} bytes, the source lists {size}")
@@ -348,10 +449,17 @@ def dir_checksum(uri: str, storage_cfg: StorageConfig | None = None) -> str:
         if rel == CACHE_MARKER:
             continue
         digest.update(rel.encode() + b"\0")
-        with fs.open_input_stream(f"{root}/{rel}") as stream:
-            while chunk := stream.read(1 << 22):
-                digest.update(chunk)
+        digest = _retrying(fs, _attempts(storage_cfg), _digest_file, digest, fs, f"{root}/{rel}")
     return digest.hexdigest()
+
+
+def _digest_file(digest, fs: pafs.FileSystem, path: str):
+    """A copy of `digest` updated with the file's contents (the original stays as it was for a retry)."""
+    digest = digest.copy()
+    with fs.open_input_stream(path) as stream:
+        while chunk := stream.read(1 << 22):
+            digest.update(chunk)
+    return digest
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -401,15 +509,77 @@ def _data_files(root: str, dt: str, run_id: str, storage_cfg: StorageConfig | No
     return out
 
 
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def start_run(root: str, dt: str, run_id: str, storage_cfg: StorageConfig | None = None) -> str:
+    """Writes the run's marker (state `running`, started_at) before any of its data; returns started_at."""
+    started_at = _now().isoformat(timespec="microseconds")
+    write_json({"run_id": run_id, "started_at": started_at, "state": "running"},
+               join_uri(run_uri(root, dt, run_id), RUN_MARKER), storage_cfg)
+    return started_at
+
+
+def _read_json_or_none(uri: str, storage_cfg: StorageConfig | None) -> Any:
+    try:
+        return read_json(uri, storage_cfg)
+    except StorageError:  # missing (deleted meanwhile) or half-deleted: treated as absent
+        return None
+
+
+def _run_folders(root: str, dt: str, storage_cfg: StorageConfig | None) -> list[str]:
+    """Run ids with a folder under the date."""
+    fs, part = filesystem_for(partition_uri(root, dt), storage_cfg)
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(part, recursive=False, allow_not_found=True)):
+        name = info.path.rsplit("/", 1)[1]
+        if info.type == pafs.FileType.Directory and name.startswith("run="):
+            out.append(name[len("run="):])
+    return sorted(out)
+
+
+def _order(manifest: dict) -> tuple[str, str]:
+    return manifest.get("started_at", ""), manifest["run_id"]
+
+
+def _newest_complete_run(root: str, dt: str, storage_cfg: StorageConfig | None) -> dict | None:
+    """The run manifest of the date's run that started last among those that wrote one."""
+    manifests = []
+    for run_id in _run_folders(root, dt, storage_cfg):
+        manifest = _read_json_or_none(join_uri(run_uri(root, dt, run_id), MANIFEST_NAME), storage_cfg)
+        if isinstance(manifest, dict) and manifest.get("run_id") == run_id and manifest.get("format") == MANIFEST_FORMAT:
+            manifests.append(manifest)
+    return max(manifests, key=_order, default=None)
+
+
+def _point_to_newest(root: str, dt: str, storage_cfg: StorageConfig | None, attempts: int = 20) -> dict:
+    """Writes the pointer until it names the newest complete run of the date and a re-listing agrees."""
+    pointer = join_uri(partition_uri(root, dt), MANIFEST_NAME)
+    for _ in range(attempts):
+        newest = _newest_complete_run(root, dt, storage_cfg)
+        if newest is None:
+            raise StorageError(f"{partition_uri(root, dt)}: no run manifest found while publishing")
+        current = _read_json_or_none(pointer, storage_cfg)
+        if isinstance(current, dict) and current.get("run_id") == newest["run_id"]:
+            return newest
+        write_json(newest, pointer, storage_cfg)
+    raise StorageError(f"{pointer}: the pointer kept changing under {attempts} concurrent publishes; not published")
+
+
 def publish_partition(root: str, dt: str, run_id: str, fields: dict[str, Any], storage_cfg: StorageConfig | None = None) -> dict:
     """Makes the run `run_id` the live contents of `<root>/dt=<dt>/` and deletes the date's other runs.
 
     The run's Parquet files must already be under `run_uri(root, dt, run_id)`. The manifest lists every
     file with its row count and byte size, plus `fields` (inputs, checksums, config, code version). It is
     written into the run folder, then copied to the date's pointer `_manifest.json` (the commit point).
-    Only one writer per date at a time is supported: the pointer is re-read before cleanup, and a run that
-    lost the pointer to another leaves everything in place.
+    Concurrent runs of a date: the one that started last wins (module docstring); a run that loses
+    removes its folder and raises `RunSuperseded`.
     """
+    run_dir = run_uri(root, dt, run_id)
+    marker = _read_json_or_none(join_uri(run_dir, RUN_MARKER), storage_cfg)
+    started_at = marker["started_at"] if isinstance(marker, dict) and "started_at" in marker \
+        else _now().isoformat(timespec="microseconds")
     files = _data_files(root, dt, run_id, storage_cfg)
     manifest = {
         **fields,
@@ -419,26 +589,92 @@ def publish_partition(root: str, dt: str, run_id: str, fields: dict[str, Any], s
         "data_dir": f"dt={dt}/run={run_id}",
         "files": [vars(f) for f in files],
         "rows": sum(f.rows for f in files),
-        "published_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "started_at": started_at,
+        "published_at": _now().isoformat(timespec="seconds"),
     }
-    write_json(manifest, join_uri(run_uri(root, dt, run_id), MANIFEST_NAME), storage_cfg)
-    # Files must still be there: a concurrent writer's cleanup may have removed them.
+    write_json(manifest, join_uri(run_dir, MANIFEST_NAME), storage_cfg)
+    # Files must still be there: a newer run's cleanup may have removed them.
     if _data_files(root, dt, run_id, storage_cfg) != files:
-        raise StorageError(f"run {run_id} under {partition_uri(root, dt)} changed while publishing; not published")
-    pointer = join_uri(partition_uri(root, dt), MANIFEST_NAME)
-    write_json(manifest, pointer, storage_cfg)
-    if read_json(pointer, storage_cfg).get("run_id") == run_id:
-        _delete_other_runs(root, dt, run_id, storage_cfg)
+        _superseded(root, dt, run_id, storage_cfg, "its files changed while publishing")
+    while True:
+        live = _point_to_newest(root, dt, storage_cfg)
+        if live["run_id"] != run_id:
+            _superseded(root, dt, run_id, storage_cfg, f"the run {live['run_id']} started after it and was published")
+        write_json({"run_id": run_id, "started_at": started_at, "state": "published"},
+                   join_uri(run_dir, RUN_MARKER), storage_cfg)
+        newest = _newest_complete_run(root, dt, storage_cfg)
+        if newest is not None and newest["run_id"] == run_id:
+            break  # a newer run that appears from here on finds this one finished and supersedes it
+    _delete_finished_older_runs(root, dt, manifest, storage_cfg)
     return manifest
 
 
-def _delete_other_runs(root: str, dt: str, live_run: str, storage_cfg: StorageConfig | None) -> None:
-    fs, part = filesystem_for(partition_uri(root, dt), storage_cfg)
-    for info in fs.get_file_info(pafs.FileSelector(part, recursive=False)):
+def _superseded(root: str, dt: str, run_id: str, storage_cfg: StorageConfig | None, why: str):
+    _delete_run(root, dt, run_id, storage_cfg)
+    raise RunSuperseded(f"run {run_id} of {partition_uri(root, dt)} not published: {why}; "
+                        "its folder was removed and the date's published result is the newer run's")
+
+
+def _delete_run(root: str, dt: str, run_id: str, storage_cfg: StorageConfig | None) -> None:
+    """The run manifest first, so that a half-deleted run is never taken for a complete one."""
+    fs, path = filesystem_for(run_uri(root, dt, run_id), storage_cfg)
+    try:
+        fs.delete_file(f"{path}/{MANIFEST_NAME}")
+    except (FileNotFoundError, OSError):
+        pass
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass  # already gone, or being removed by a concurrent run
+
+
+def _run_age_start(root: str, dt: str, run_id: str, storage_cfg: StorageConfig | None) -> tuple[str | None, _dt.datetime | None]:
+    """(state, started) from the run's marker; without one (older layout): (None, newest file's mtime)."""
+    marker = _read_json_or_none(join_uri(run_uri(root, dt, run_id), RUN_MARKER), storage_cfg)
+    if isinstance(marker, dict) and "started_at" in marker:
+        return marker.get("state"), _dt.datetime.fromisoformat(marker["started_at"])
+    fs, path = filesystem_for(run_uri(root, dt, run_id), storage_cfg)
+    entries = [fs.get_file_info(path), *fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))]
+    times = [i.mtime for i in entries if i.mtime is not None]
+    newest = max(times, default=None)
+    return None, newest.astimezone(_dt.timezone.utc) if newest is not None else None
+
+
+def _delete_finished_older_runs(root: str, dt: str, live: dict, storage_cfg: StorageConfig | None) -> None:
+    """Runs of the date that started before the live one and are finished (published, or an older layout);
+    an older run still publishing is left alone and removes itself when it sees the live one."""
+    live_start = _dt.datetime.fromisoformat(live["started_at"])
+    for run_id in _run_folders(root, dt, storage_cfg):
+        if run_id == live["run_id"]:
+            continue
+        state, started = _run_age_start(root, dt, run_id, storage_cfg)
+        if started is None or (started, run_id) < (live_start, live["run_id"]) and state != "running":
+            logger.info("deleting superseded run %s of dt=%s", run_id, dt)
+            _delete_run(root, dt, run_id, storage_cfg)
+
+
+def remove_stale_runs(root: str, max_age_hours: float, storage_cfg: StorageConfig | None = None) -> list[str]:
+    """Deletes every unpublished `run=` folder under any date of `root` that started more than
+    `max_age_hours` ago (a killed run's leftovers; see the module docstring); returns their paths."""
+    fs, path = filesystem_for(root, storage_cfg)
+    cutoff = _now() - _dt.timedelta(hours=max_age_hours)
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True)):
         name = info.path.rsplit("/", 1)[1]
-        if info.type == pafs.FileType.Directory and name.startswith("run=") and name != f"run={live_run}":
-            logger.info("deleting superseded run %s", info.path)
-            fs.delete_dir(info.path)
+        if info.type != pafs.FileType.Directory or not name.startswith("dt=") or not _DT.match(name[3:]):
+            continue
+        dt = name[3:]
+        pointer = _read_json_or_none(join_uri(partition_uri(root, dt), MANIFEST_NAME), storage_cfg)
+        live = pointer.get("run_id") if isinstance(pointer, dict) else None
+        for run_id in _run_folders(root, dt, storage_cfg):
+            if run_id == live:
+                continue
+            _, started = _run_age_start(root, dt, run_id, storage_cfg)
+            if started is None or started < cutoff:
+                logger.info("deleting stale unpublished run %s of dt=%s (started %s)", run_id, dt, started)
+                _delete_run(root, dt, run_id, storage_cfg)
+                removed.append(run_uri(root, dt, run_id))
+    return removed
 
 
 def read_manifest(root: str, dt: str, storage_cfg: StorageConfig | None = None) -> dict | None:

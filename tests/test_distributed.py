@@ -36,7 +36,8 @@ TINY_TUNE = [
 def ray_local(tmp_path_factory):
     cache = tmp_path_factory.mktemp("binllm_cache")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"BINLLM_CACHE": str(cache), "GLOO_SOCKET_IFNAME": "lo"}})
+             runtime_env={"env_vars": {"BINLLM_CACHE": str(cache), "GLOO_SOCKET_IFNAME": "lo",
+                                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}})
     yield
     ray.shutdown()
 
@@ -56,8 +57,8 @@ def write_run_inputs(cfg, llm_dir=None, n_rows=600):
 
 
 def s3_settings(endpoint):
-    return [f"storage.endpoint_url={endpoint}", "storage.access_key_id=testing",
-            "storage.secret_access_key=testing", "storage.region=us-east-1"]
+    # Credentials come from the AWS variables (s3_bucket sets them here, ray_local in the workers).
+    return [f"storage.endpoint_url={endpoint}", "storage.region=us-east-1"]
 
 
 def test_zero3_tuning_on_s3_resumes_after_a_planted_failure(s3_bucket, s3_server, tiny_llm_dir, tmp_path):

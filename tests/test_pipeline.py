@@ -57,7 +57,7 @@ def test_requests_on_s3_match_direct_scoring_and_rerun_replaces(s3_bucket, tiny_
     assert manifest["run_id"] == first.run_id and manifest["rows"] == req.num_rows
     assert manifest["checksums"]["adapter"] == storage.dir_checksum(f"{s3_bucket}/adapter")
     assert manifest["inputs"]["requests"] == f"{s3_bucket}/requests.parquet"
-    assert manifest["config"]["storage"]["secret_access_key"] == "***" and "testing" not in json.dumps(manifest)
+    assert "secret_access_key" not in manifest["config"]["storage"] and "testing" not in json.dumps(manifest)
     assert manifest["code_version"] and [f["rows"] for f in manifest["files"]] and manifest["summary"]["fallbacks"] > 0
 
     second = run_scoring(cfg)

@@ -1,6 +1,11 @@
 """Storage: URIs to filesystems, Parquet/JSON round trips on disk and on S3 (moto), folder copies with a
 node cache, and the publish protocol that replaces a date's data atomically."""
+import datetime as dt
 import json
+import os
+import pickle
+import threading
+import time
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -8,7 +13,9 @@ import pyarrow.fs as pafs
 import pytest
 
 from binllm import storage
-from binllm.config import StorageConfig
+from binllm.cli import run_recipe
+from binllm.config import ConfigError, StorageConfig, load_config
+from binllm.recipes import score
 
 
 def test_filesystem_for_paths_and_uris(tmp_path, monkeypatch):
@@ -18,8 +25,11 @@ def test_filesystem_for_paths_and_uris(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     fs, path = storage.filesystem_for("s3://bucket/key/x.parquet")
     assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/key/x.parquet"
-    settings = storage.resolve_s3_settings(StorageConfig(endpoint_url="http://h:1", access_key_id="k", secret_access_key="s"))
-    assert settings["endpoint_url"] == "http://h:1" and settings["access_key_id"] == "k"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "envkey")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecret")
+    settings = storage.resolve_s3_settings(StorageConfig(endpoint_url="http://h:1"))
+    assert settings["endpoint_url"] == "http://h:1" and settings["access_key_id"] == "envkey"
+    assert settings["max_attempts"] == StorageConfig().max_attempts == 5
     with pytest.raises(storage.StorageError, match="unsupported URI scheme"):
         storage.filesystem_for("gs://bucket/x")
     with pytest.raises(storage.StorageError, match="needs a bucket"):
@@ -96,3 +106,131 @@ def test_publish_checks_names():
         storage.run_uri("/x", "2026-01-02", "a/b")
     with pytest.raises(storage.StorageError, match="nothing published"):
         storage.read_partition("/nonexistent/root", "2026-01-02")
+
+
+def test_credentials_travel_to_workers_but_are_never_shown(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
+    resolved = storage.with_credentials(StorageConfig(endpoint_url="http://127.0.0.1:9", max_attempts=7))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    worker_copy = pickle.loads(pickle.dumps(resolved))  # a worker without the AWS variables
+    assert storage.resolve_s3_settings(worker_copy)["secret_access_key"] == "very-secret"
+    assert "very-secret" not in repr(resolved) and "AKIDEXAMPLE" not in repr(resolved)
+    fs = pickle.loads(pickle.dumps(storage.s3_filesystem(worker_copy)))
+    assert isinstance(fs, storage.RetryingS3FileSystem) and fs._max_attempts == 7  # pyarrow's own pickle drops it
+    assert "very-secret" not in repr(fs)
+
+
+@pytest.mark.parametrize("key, variable", [("storage.access_key_id", "AWS_ACCESS_KEY_ID"),
+                                           ("storage.secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+                                           ("storage.session_token", "AWS_SESSION_TOKEN")])
+@pytest.mark.reliability(kind="security", what="S3 credentials in a config file or --set",
+                         outcome="refused naming the key and the AWS variable to use; the job exits 2")
+def test_credentials_in_configs_are_refused(key, variable, tmp_path, capsys):
+    message = f"config key '{key}': credentials are not read from configs; set {variable} in the job's environment"
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"{key}=abc"])
+    section, name = key.split(".")
+    (tmp_path / "c.yaml").write_text(f"{section}:\n  {name}: abc\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        run_recipe(score, ["--config", str(tmp_path / "c.yaml")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "abc" not in err and "Traceback" not in err
+
+
+def _started(root, day, run_id, state="running", hours_ago=0.0):
+    storage.write_json({"run_id": run_id, "state": state, "started_at": (
+        dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=hours_ago)).isoformat(timespec="microseconds")},
+        f"{storage.run_uri(root, day, run_id)}/{storage.RUN_MARKER}")
+
+
+def _runs(root, day):
+    return sorted(p.name for p in (root / f"dt={day}").iterdir() if p.name.startswith("run="))
+
+
+def test_publish_order_the_later_started_run_wins(tmp_path):
+    root = tmp_path / "scores"
+    day = "2026-11-26"
+    # B started after A but finished first: A then finds B and is not published.
+    for run_id, values in (("a", [1]), ("b", [2, 3])):
+        storage.start_run(str(root), day, run_id)
+        _stage(str(root), day, run_id, values)
+    storage.publish_partition(str(root), day, "b", {})
+    with pytest.raises(storage.RunSuperseded, match=r"run a of .* not published: the run b started after it"):
+        storage.publish_partition(str(root), day, "a", {})
+    assert storage.read_partition(str(root), day)["v"].to_pylist() == [2, 3] and _runs(root, day) == ["run=b"]
+    # C started before D and published first: D supersedes it and removes its folder.
+    for run_id in ("c", "d"):
+        storage.start_run(str(root), day, run_id)
+        _stage(str(root), day, run_id, [ord(run_id)])
+    storage.publish_partition(str(root), day, "c", {})
+    assert storage.read_partition(str(root), day)["v"].to_pylist() == [ord("c")] and _runs(root, day) == ["run=c", "run=d"]
+    storage.publish_partition(str(root), day, "d", {})
+    assert storage.read_partition(str(root), day)["v"].to_pylist() == [ord("d")] and _runs(root, day) == ["run=d"]
+    # An older run still publishing (marker state running) is not deleted under it by the winner.
+    _started(str(root), day, "old", hours_ago=1)
+    _stage(str(root), day, "old", [0])
+    _started(str(root), day, "new")
+    _stage(str(root), day, "new", [9])
+    storage.publish_partition(str(root), day, "new", {})
+    assert _runs(root, day) == ["run=new", "run=old"]
+
+
+@pytest.mark.reliability(kind="fault", what="two publishers of one date racing, 25 rounds",
+                         outcome="the pointer names the later-started run, whose files are all there; one run folder")
+def test_concurrent_publishers_end_with_one_consistent_run(tmp_path):
+    day = "2026-11-26"
+    for round_ in range(25):
+        root = str(tmp_path / f"r{round_}")
+        for run_id in ("x", "y"):
+            storage.start_run(root, day, run_id)
+            _stage(root, day, run_id, [round_] * (1 if run_id == "x" else 2))
+        gate, outcomes = threading.Barrier(2), {}
+
+        def publish(run_id):
+            gate.wait()
+            try:
+                outcomes[run_id] = storage.publish_partition(root, day, run_id, {})["run_id"]
+            except storage.RunSuperseded as exc:
+                outcomes[run_id] = exc
+
+        threads = [threading.Thread(target=publish, args=(r,)) for r in ("x", "y")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert outcomes["y"] == "y"  # y started last
+        assert outcomes["x"] == "x" or isinstance(outcomes["x"], storage.RunSuperseded)
+        manifest = storage.read_manifest(root, day)
+        assert manifest["run_id"] == "y" and storage.read_partition(root, day)["v"].to_pylist() == [round_] * 2
+        assert _runs(tmp_path / f"r{round_}", day) == ["run=y"]
+
+
+@pytest.mark.reliability(kind="fault", what="unpublished run folders left by killed runs, under several dates",
+                         outcome="removed once older than the age limit; live runs and young runs kept")
+def test_remove_stale_runs_spares_live_and_young_runs(tmp_path):
+    root = str(tmp_path / "scores")
+    _stage(root, "2026-11-20", "live", [1])
+    storage.publish_partition(root, "2026-11-20", "live", {})
+    _started(root, "2026-11-20", "live", state="published", hours_ago=50)  # old but live: kept
+    _started(root, "2026-11-21", "killed", hours_ago=30)
+    _stage(root, "2026-11-21", "killed", [2])
+    _started(root, "2026-11-21", "young", hours_ago=2)
+    _stage(root, "2026-11-21", "young", [3])
+    _stage(root, "2026-11-22", "unmarked-old", [4])  # an older layout without a marker: its files' age counts
+    old = time.time() - 40 * 3600
+    for path in (tmp_path / "scores" / "dt=2026-11-22").rglob("*"):
+        os.utime(path, (old, old))
+    os.utime(tmp_path / "scores" / "dt=2026-11-22" / "run=unmarked-old", (old, old))
+
+    removed = storage.remove_stale_runs(root, 24.0)
+
+    assert sorted(r.rsplit("/", 2)[1:] for r in removed) == [["dt=2026-11-21", "run=killed"],
+                                                              ["dt=2026-11-22", "run=unmarked-old"]]
+    assert _runs(tmp_path / "scores", "2026-11-20") == ["run=live"]
+    assert _runs(tmp_path / "scores", "2026-11-21") == ["run=young"]
+    assert storage.read_partition(root, "2026-11-20")["v"].to_pylist() == [1]

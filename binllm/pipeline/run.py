@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 import ray
 
 from binllm import prompt_spec, sources, storage
-from binllm.config import Config, StorageConfig
+from binllm.config import Config
 from binllm.llm import load_tokenizer
 from binllm.pipeline.inputs import (InputError, ScoringInputs, check_code_tables, check_model_folders, check_schema,
                                     parquet_paths, resolve_inputs)
@@ -67,14 +67,6 @@ def code_version() -> str:
     return f"{version}+{commit}" if commit else version
 
 
-def redacted_config(cfg: Config) -> dict:
-    out = cfg.to_dict()
-    for key in ("access_key_id", "secret_access_key", "session_token"):
-        if out["storage"].get(key):
-            out["storage"][key] = "***"
-    return out
-
-
 def _read(uri: str, what: str, columns: list[str], cfg: Config) -> ray.data.Dataset:
     fs, paths = parquet_paths(uri, what, cfg.storage)
     return ray.data.read_parquet(paths, filesystem=fs, partitioning=None).select_columns(columns)
@@ -105,8 +97,9 @@ def _requests_dataset(inputs: ScoringInputs, cfg: Config) -> tuple[ray.data.Data
 def run_scoring(cfg: Config) -> ScoringSummary:
     """Scores the configured pairs for date cfg.score.dt and publishes them; see the module docstring."""
     start = time.perf_counter()
+    config_record = cfg.to_dict()  # holds no credentials: configs cannot carry them
     # Workers on other nodes may lack this process's AWS variables: hand them the resolved settings.
-    cfg = dataclasses.replace(cfg, storage=StorageConfig(**storage.resolve_s3_settings(cfg.storage)))
+    cfg = dataclasses.replace(cfg, storage=storage.with_credentials(cfg.storage))
     inputs = resolve_inputs(cfg)
     run_id = storage.check_run_id(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}")
     log_schema = check_schema(inputs.interactions, "interaction log", ["user_id", "item_id", "timestamp"],
@@ -152,6 +145,7 @@ def run_scoring(cfg: Config) -> ScoringSummary:
     )
     run_dir = storage.run_uri(inputs.output, inputs.dt, run_id)
     try:
+        storage.start_run(inputs.output, inputs.dt, run_id, cfg.storage)
         fs, run_path = storage.filesystem_for(run_dir, cfg.storage)
         scored.write_parquet(run_path, filesystem=fs)
         staged = [i.path for i in storage.list_files(run_dir, cfg.storage) if i.path.endswith(".parquet")]
@@ -172,10 +166,11 @@ def run_scoring(cfg: Config) -> ScoringSummary:
         | {"model": cfg.llm.model, "adapter": adapter},
         "checksums": checksums,
         "model_version": model_version,
-        "config": redacted_config(cfg),
+        "config": config_record,
         "code_version": code_version(),
         "summary": {"rows_in": rows_in, "rows_out": rows_out, "fallbacks": fallbacks, "seconds": round(seconds, 3)},
     }, cfg.storage)
+    storage.remove_stale_runs(inputs.output, cfg.score.stale_run_hours, cfg.storage)
     summary = ScoringSummary(run_id, inputs.dt, inputs.output, rows_in, rows_out, fallbacks, seconds,
                              rows_out / seconds if seconds > 0 else 0.0, manifest)
     logger.info(summary.line())

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -53,8 +56,26 @@ class Scorer:
         self.spec = spec
         self.model, self.tokenizer = load_scoring_model(cfg, spec.adapter, "cuda" if use_gpu else "cpu")
         self.answer: AnswerTokens | None = None
+        self.batches = 0
+
+    def _planted_exit(self) -> None:
+        """score.fail_at_batch: this actor's process dies at its Nth batch, once per run and node (a marker
+        file remembers it), as a crashed or preempted scorer would."""
+        self.batches += 1
+        if self.batches != self.spec.cfg.score.fail_at_batch:
+            return
+        marker = Path(tempfile.gettempdir()) / "binllm-fault-hooks" / f"scorer-{self.spec.run_id}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            marker.touch(exist_ok=False)
+        except FileExistsError:
+            return
+        logger.warning("planted failure: scoring actor exits at batch %d (score.fail_at_batch)", self.batches)
+        os._exit(1)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.spec.cfg.score.fail_at_batch:
+            self._planted_exit()
         n = batch.num_rows
         prefixes = batch.column("prefix").to_pylist()
         suffixes = batch.column("suffix").to_pylist()
