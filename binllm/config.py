@@ -124,6 +124,7 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    top_layers: int = 0  # 0: every decoder layer; N: the last N layers only (backward stops below them)
 
 
 @dataclass
@@ -162,6 +163,8 @@ class TuneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-3))
     stage2: StageConfig = field(default_factory=StageConfig)
+    autocast: Literal["", "bfloat16"] = ""  # bfloat16: tuning forwards under bf16 autocast (fp32 weights, LoRA
+    # and answer head); twice the speed on CPUs with AVX512-BF16 or AMX
     adapter: str = ""  # adapter location; empty means <run dir>/adapter
 
 
@@ -199,11 +202,11 @@ class ScoreConfig:
     gpus_per_actor: float = 0.0
     max_batch_tokens: int = 8192
     dtype: Literal["", "auto", "float32", "bfloat16", "tf32"] = ""  # scoring actors' llm dtype; empty: llm.dtype
+    stale_run_hours: float = 24.0  # unpublished run folders older than this (any date of the output) are removed
+    fail_at_batch: int = 0  # fault-injection hook for tests: a scoring actor's process exits at this batch, once per run and node
 
 
 @dataclass
-    stale_run_hours: float = 24.0  # unpublished run folders older than this (any date of the output) are removed
-    fail_at_batch: int = 0  # fault-injection hook for tests: a scoring actor's process exits at this batch, once per run and node
 class EvalConfig:
     max_test_rows: int = 0  # jobs.evaluate scores at most this many test rows (a seeded sample); 0: all
 
@@ -309,12 +312,12 @@ def _apply(section: Any, values: dict[str, Any], prefix: str = "") -> None:
     hints = typing.get_type_hints(type(section))
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
-        if name not in hints:
-            raise ConfigError(f"unknown config key '{key}'; known keys here: {sorted(hints)}")
-        current = getattr(section, name)
         if key in CREDENTIAL_KEYS:
             raise ConfigError(f"config key '{key}': credentials are not read from configs; set {CREDENTIAL_KEYS[key]} "
                               "in the job's environment (or use an AWS profile or instance role) instead")
+        if name not in hints:
+            raise ConfigError(f"unknown config key '{key}'; known keys here: {sorted(hints)}")
+        current = getattr(section, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
@@ -419,12 +422,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.warm_min_train': expected >= 1, got {cfg.data.warm_min_train}")
     if cfg.llm.answer == cfg.llm.negative_answer:
         raise ConfigError("config keys 'llm.answer' and 'llm.negative_answer' must differ")
-    if cfg.data.history_len < 0:
-        raise ConfigError(f"config key 'data.history_len': expected >= 0, got {cfg.data.history_len}")
-    for key in ("max_title_tokens", "max_tokens"):
     if cfg.storage.max_attempts < 1:
         raise ConfigError(f"config key 'storage.max_attempts': expected >= 1, got {cfg.storage.max_attempts}")
     if cfg.score.stale_run_hours <= 0:
         raise ConfigError(f"config key 'score.stale_run_hours': expected > 0 hours, got {cfg.score.stale_run_hours}")
+    if cfg.data.history_len < 0:
+        raise ConfigError(f"config key 'data.history_len': expected >= 0, got {cfg.data.history_len}")
+    for key in ("max_title_tokens", "max_tokens"):
         if getattr(cfg.prompt, key) < 0:
             raise ConfigError(f"config key 'prompt.{key}': expected >= 0 (0: no cap), got {getattr(cfg.prompt, key)}")

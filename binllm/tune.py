@@ -111,7 +111,7 @@ def split_rows(examples: pa.Table, split: str, max_rows: int, seed: int) -> pa.T
 def tokenize_rows(rows: pa.Table, items: pa.Table, user_codes: pa.Table | None, item_codes: pa.Table | None,
                   cfg: Config, kind: str, tokenizer: PreTrainedTokenizerBase) -> tuple[PromptSet, str]:
     """Canonical prompt tokens and labels of `rows`; also one prompt text (for the answer token)."""
-    batch = build_prompts(rows, items, user_codes, item_codes, cfg.prompt, kind=kind)
+    batch = build_prompts(rows, items, user_codes, item_codes, cfg.prompt, kind=kind, tokenizer=tokenizer)
     labels = rows.column("label").to_numpy(zero_copy_only=False).astype(np.float32)
     if not np.isin(labels, (0.0, 1.0)).all():
         raise DataError("examples: column 'label' must hold 0/1 values")
@@ -202,9 +202,9 @@ class _StageTask:
     """Batches, loss and validation of one stage, for run_training."""
 
     def __init__(self, backend: Backend, train: PromptSet, valid: PromptSet, settings: StageConfig,
-                 answer: AnswerTokens, pad_id: int, seed: int):
+                 answer: AnswerTokens, pad_id: int, seed: int, autocast: torch.dtype | None = None):
         self.backend, self.train, self.valid, self.settings = backend, train, valid, settings
-        self.answer, self.pad_id, self.seed = answer, pad_id, seed
+        self.answer, self.pad_id, self.seed, self.autocast = answer, pad_id, seed, autocast
         self.train_lengths = train.lengths
         self.train_tokens = self.padded_tokens = 0
         self.eval_seconds = 0.0
@@ -214,6 +214,11 @@ class _StageTask:
         labels = torch.from_numpy(prompts.labels[rows])
         device = self.backend.device
         return input_ids.to(device), mask.to(device), labels.to(device)
+
+    def _scores(self, model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(input_ids.device.type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
+            return yes_logits(model, input_ids, mask, self.answer)
 
     def batches(self, epoch: int):
         for rows in train_micro_batches(self.train_lengths, self.backend, self.settings.micro_batch_size,
@@ -226,7 +231,7 @@ class _StageTask:
         lengths = self.train_lengths[rows]
         self.train_tokens += int(lengths.sum())  # from the host-side lengths: no device sync per micro-batch
         self.padded_tokens += int(lengths.max()) * len(rows)
-        return F.binary_cross_entropy_with_logits(yes_logits(model, input_ids, mask, self.answer), labels)
+        return F.binary_cross_entropy_with_logits(self._scores(model, input_ids, mask), labels)
 
     def _eval_batches(self, sorted_lengths: np.ndarray) -> list[np.ndarray]:
         """Positions in length-sorted rows, per forward: 2 x micro_batch_size rows, or rows x longest
@@ -245,7 +250,7 @@ class _StageTask:
         scores = np.empty(len(mine), dtype=np.float32)
         for batch in self._eval_batches(self.valid.lengths[mine]):
             input_ids, mask, _ = self._tensors(self.valid, mine[batch])
-            scores[batch] = yes_logits(model, input_ids, mask, self.answer).cpu().numpy()
+            scores[batch] = self._scores(model, input_ids, mask).cpu().numpy()
         gathered = self.backend.gather({"index": mine, "score": scores})
         index, first = np.unique(gathered["index"], return_index=True)
         scores, labels = gathered["score"][first], self.valid.labels[index]
@@ -294,7 +299,8 @@ def fit_micro_batch_tokens(model: torch.nn.Module, answer: AnswerTokens, lengths
 
 
 def _run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet, valid: PromptSet,
-               answer: AnswerTokens, pad_id: int, seed: int) -> tuple[StageResult, dict[str, torch.Tensor]]:
+               answer: AnswerTokens, pad_id: int, seed: int,
+               autocast: torch.dtype | None = None) -> tuple[StageResult, dict[str, torch.Tensor]]:
     settings = stage.settings
     if settings.micro_batch_tokens < 0:
         settings = dataclasses.replace(
@@ -307,7 +313,7 @@ def _run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSe
         start_factor=settings.warmup_start_lr / settings.lr if settings.lr else 0.0,
         floor_factor=settings.min_lr / settings.lr if settings.lr else 0.0)
     prepared = backend.prepare(model, optimizer, scheduler)
-    task = _StageTask(backend, train, valid, settings, answer, pad_id, seed)
+    task = _StageTask(backend, train, valid, settings, answer, pad_id, seed, autocast)
     started = time.perf_counter()
     result = run_training(
         backend, prepared,
@@ -358,10 +364,12 @@ def tune_lora(
         raise TypeError("tune_lora expects the base causal LM; it attaches the LoRA adapter itself")
     stages = tuning_stages(cfg)
     seed = cfg.run.seed
+    autocast = torch.bfloat16 if cfg.tune.autocast == "bfloat16" else None
     lora = cfg.tune.lora
     device = next(model.parameters()).device
     torch.manual_seed(seed)
-    peft_model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    peft_model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+                            top_layers=lora.top_layers)
     if initial_adapter is not None:
         copy_into_parameters(peft_model, initial_adapter)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -396,7 +404,8 @@ def tune_lora(
                      summary.best_auc)
             copy_into_parameters(peft_model, best_state)
         else:
-            summary, best_state = _run_stage(stage, stage_backend, peft_model, train, valid, answer, pad_id, seed)
+            summary, best_state = _run_stage(stage, stage_backend, peft_model, train, valid, answer, pad_id, seed,
+                                              autocast)
             if isinstance(stage_backend, StageAware):
                 stage_backend.end_stage(stage.name, {"result": dataclasses.asdict(summary), "best_state": best_state})
         results.append(summary)

@@ -143,6 +143,19 @@ def test_yes_logits_equals_full_vocabulary_logit_at_last_position(llm):
         yes_logits(model, input_ids.flip(1), attention_mask.flip(1), answer_id)
 
 
+def test_answer_head_stays_float32_under_bf16_autocast(llm):
+    model, tokenizer, answer_id = llm
+    prefixes, suffixes = make_prompts([3, 2], seed=5)
+    input_ids, attention_mask = collate_prompts(encode_prompts(tokenizer, prefixes, suffixes), tokenizer.pad_token_id)
+    with torch.no_grad():
+        reference = yes_logits(model, input_ids, attention_mask, answer_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = yes_logits(model, input_ids, attention_mask, answer_id)
+    assert mixed.dtype == torch.float32
+    assert not torch.equal(mixed, reference)  # the body did run in bf16
+    torch.testing.assert_close(mixed, reference, atol=0.05, rtol=0.0)
+
+
 def test_collate_pads_on_the_left():
     input_ids, attention_mask = collate_prompts([[5, 6, 7], [8]], pad_id=0)
     assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]

@@ -14,7 +14,7 @@ from binllm.llm import load_causal_lm, score_prompts
 from binllm.prompts import build_prompts
 from binllm.train.backend import LocalBackend
 from binllm.config import StageConfig
-from binllm.llm import save_adapter
+from binllm.llm import apply_lora, save_adapter
 from binllm.tune import split_rows, stage_steps, train_micro_batches, tune_lora
 from synthetic import make_planted_examples
 
@@ -63,6 +63,20 @@ def test_intuitive_tuning_learns_the_planted_signal(planted, tiny_llm_dir):
     assert 0 < stage.train_tokens <= stage.padded_tokens
     assert all(name in dict(result.model.named_parameters()) for name in result.adapter_state)
     assert any("lora_B" in name and value.abs().sum() > 0 for name, value in result.adapter_state.items())
+
+
+def test_lora_on_the_top_layer_under_bf16_autocast_learns_the_planted_signal(planted, tiny_llm_dir):
+    result, _, _ = _tune(planted, tiny_llm_dir, "tune.mode=intuitive", "tune.stage2.epochs=3",
+                         "tune.stage2.eval_every=20", "tune.lora.top_layers=1", "tune.autocast=bfloat16")
+    trained = {name for name, p in result.model.named_parameters() if p.requires_grad}
+    assert trained and all(".layers.1." in name for name in trained)  # the tiny LLaMA has layers 0 and 1
+    assert result.best_auc > 0.9
+
+
+def test_lora_top_layers_beyond_the_model_are_refused(tiny_llm_dir):
+    model, _ = load_causal_lm(tiny_llm_dir)
+    with pytest.raises(ValueError, match=r"LoRA top_layers must be 0 \(every layer\) to 2 for LlamaForCausalLM, got 3"):
+        apply_lora(model, top_layers=3)
 
 
 def test_two_step_runs_both_stages_and_stage2_continues_stage1_lora(planted, tiny_llm_dir):

@@ -135,9 +135,10 @@ class AnswerHead:
         return cls(head, answer, getattr(causal_lm.config, "final_logit_softcapping", None))
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = hidden.float() @ self.weight.T
-        if self.bias is not None:
-            logits = logits + self.bias
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        with torch.autocast(hidden.device.type, enabled=False):  # float32 under a mixed-precision forward too
+            logits = hidden.float() @ self.weight.T
+            if self.bias is not None:
+                logits = logits + self.bias
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits[:, 0] - logits[:, 1] if logits.shape[1] == 2 else logits[:, 0]

