@@ -4,9 +4,11 @@ protocol that makes a run's outputs visible all at once.
 S3 endpoint and region come from `StorageConfig` when set, else from the standard AWS variables
 (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION). Credentials come only from the
 standard AWS mechanisms, never from a config file: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
-AWS_SESSION_TOKEN, else the AWS SDK's own chain (profile, instance or pod role). A job resolves them once
-in its driver (`with_credentials`) and hands the result to Ray workers, whose environment may lack the
-variables; they are never written to an output, a manifest or a log. Every S3 request is retried up to
+AWS_SESSION_TOKEN, else the AWS SDK's own chain (profile, instance or pod role). The scoring job resolves
+them once in its driver (`with_credentials`) and hands the result to its Ray workers, whose environment
+may lack the variables; every other filesystem leaves them to the SDK's chain of the process using it (the
+training jobs' workers included), so none carries them into a pickle. They are never written to an
+output, a manifest, a Ray Train run folder or a log. Every S3 request is retried up to
 `storage.max_attempts` times (AWS standard retry strategy: 5xx, SlowDown, dropped connections), also in
 workers (the filesystem keeps its retry strategy when Ray pickles it).
 
@@ -172,7 +174,8 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
 
 def s3_filesystem(storage_cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem: endpoint and region from `storage_cfg` or the AWS variables, credentials
-    from the AWS mechanisms (see the module docstring), `storage_cfg.max_attempts` attempts per request."""
+    carried by an `S3Settings`, else found by the AWS SDK's own chain (AWS variables, profile, instance
+    role) in whichever process uses it; `storage_cfg.max_attempts` attempts per request."""
     s = resolve_s3_settings(storage_cfg)
     if s["max_attempts"] < 1:
         raise StorageError(f"config key 'storage.max_attempts': expected >= 1, got {s['max_attempts']}")
@@ -185,7 +188,9 @@ def s3_filesystem(storage_cfg: StorageConfig | None = None) -> pafs.S3FileSystem
                                "http:// or https:// URL, e.g. https://s3.example.com:9000")
         kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
         kwargs["scheme"] = parsed.scheme or "https"
-    if s["access_key_id"] and s["secret_access_key"] and not s["anon"]:
+    # Only carried credentials go into the filesystem: it pickles them, and Ray Train writes its storage
+    # filesystem into the run folder (trainer.pkl). Otherwise the AWS SDK's chain finds them in each process.
+    if isinstance(storage_cfg, S3Settings) and s["access_key_id"] and s["secret_access_key"] and not s["anon"]:
         kwargs.update(access_key=s["access_key_id"], secret_key=s["secret_access_key"],
                       session_token=s["session_token"])
     return RetryingS3FileSystem(kwargs, s["max_attempts"])

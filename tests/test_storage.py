@@ -16,6 +16,7 @@ from binllm import storage
 from binllm.cli import run_recipe
 from binllm.config import ConfigError, StorageConfig, load_config
 from binllm.recipes import score
+from binllm.train.ray_jobs import ray_storage
 
 
 def test_filesystem_for_paths_and_uris(tmp_path, monkeypatch):
@@ -120,6 +121,23 @@ def test_credentials_travel_to_workers_but_are_never_shown(monkeypatch):
     fs = pickle.loads(pickle.dumps(storage.s3_filesystem(worker_copy)))
     assert isinstance(fs, storage.RetryingS3FileSystem) and fs._max_attempts == 7  # pyarrow's own pickle drops it
     assert "very-secret" not in repr(fs)
+
+
+@pytest.mark.reliability(kind="security", what="S3 credentials in the AWS variables; the Ray Train storage filesystem",
+                         outcome="its pickle (which Ray Train writes into the run folder) holds no key; it reads S3")
+def test_filesystems_of_a_plain_config_pickle_no_credentials(s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")  # moto accepts any secret: make it findable
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDNOTINPICKLES")
+    storage.write_json({"x": 1}, f"{s3_bucket}/c/m.json")
+    cfg = load_config(None, [f"run.output_root={s3_bucket}/runs"])
+    path, fs = ray_storage(cfg)
+    blob = pickle.dumps(fs)
+    assert path == f"{s3_bucket[len('s3://'):]}/runs/ray_train" and b"AKIDNOTINPICKLES" not in blob
+    copy = pickle.loads(blob)  # a worker: the SDK's chain finds the variables
+    with copy.open_input_stream(f"{s3_bucket[len('s3://'):]}/c/m.json") as stream:
+        assert json.loads(stream.read()) == {"x": 1}
+    carried = pickle.dumps(storage.s3_filesystem(storage.with_credentials(cfg.storage)))
+    assert b"AKIDNOTINPICKLES" in carried  # the scoring job's workers get them explicitly
 
 
 @pytest.mark.parametrize("key, variable", [("storage.access_key_id", "AWS_ACCESS_KEY_ID"),
