@@ -9,7 +9,6 @@ scores, with a logged warning that nothing was checked.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
@@ -40,16 +39,6 @@ FIELDS = {
 CHECKSUMS = ("base_model_sha256", "user_codes_sha256", "item_codes_sha256")
 
 
-def file_sha256(uri: str, what: str, storage_cfg=None) -> str:
-    storage.require_exists(uri, what, storage_cfg)
-    fs, path = storage.filesystem_for(uri, storage_cfg)
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as stream:
-        while chunk := stream.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_sha256(cfg: Config) -> str:
     """storage.dir_checksum of the base model (the node-local copy of an s3:// model: the same digest)."""
     return storage.dir_checksum(str(sources.model_folder(cfg.llm.model, cfg)), cfg.storage)
@@ -74,10 +63,10 @@ def spec_for(cfg: Config, base_model_sha256: str | None = None) -> dict[str, Any
         "negative_answer": cfg.llm.negative_answer,
         "history_len": cfg.data.history_len,
         "base_model_sha256": base_model_sha256 or model_sha256(cfg),
-        "user_codes_sha256": file_sha256(storage.join_uri(codes, "users.parquet"), "user code table", cfg.storage)
-        if uses_codes else "",
-        "item_codes_sha256": file_sha256(storage.join_uri(codes, "items.parquet"), "item code table", cfg.storage)
-        if uses_codes else "",
+        "user_codes_sha256": storage.file_checksum(storage.join_uri(codes, "users.parquet"), "user code table",
+                                                   cfg.storage) if uses_codes else "",
+        "item_codes_sha256": storage.file_checksum(storage.join_uri(codes, "items.parquet"), "item code table",
+                                                   cfg.storage) if uses_codes else "",
     }
 
 

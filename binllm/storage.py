@@ -458,6 +458,13 @@ def dir_checksum(uri: str, storage_cfg: StorageConfig | None = None) -> str:
     return digest.hexdigest()
 
 
+def file_checksum(uri: str, what: str, storage_cfg: StorageConfig | None = None) -> str:
+    """sha256 of one file's contents, streamed (StorageError naming `what` when it is missing)."""
+    require_exists(uri, what, storage_cfg)
+    fs, path = filesystem_for(uri, storage_cfg)
+    return _retrying(fs, _attempts(storage_cfg), _digest_file, hashlib.sha256(), fs, path).hexdigest()
+
+
 def _digest_file(digest, fs: pafs.FileSystem, path: str):
     """A copy of `digest` updated with the file's contents (the original stays as it was for a retry)."""
     digest = digest.copy()
