@@ -170,12 +170,6 @@ def top_k_hamming(
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
 
-def popular_items(item_index: np.ndarray, n_items: int) -> np.ndarray:
-    """Item indices by interaction count, most first; ties by index."""
-    counts = np.bincount(np.asarray(item_index, dtype=np.int64), minlength=n_items)
-    return np.lexsort((np.arange(n_items), -counts))
-
-
 def top_k_popular(ranked_items: np.ndarray, k: int, seen: SeenItems, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For users without a code: the k most popular items each has not seen. Returns (user_index, item_index)."""
     out_users, out_items = [], []

@@ -7,7 +7,6 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from binllm import candidates
 from binllm.config import load_config
 from binllm.pipeline import run
 from binllm.pipeline.inputs import parquet_paths
@@ -29,8 +28,9 @@ def driver_side_popular_items(uri: str, history_before: int, n: int) -> list[str
     table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=["item_id", "timestamp"])
     ts = timestamp_seconds(table.column("timestamp"))
     items = table.column("item_id").cast("string").filter(pc.less(ts, history_before))
-    ids, index = np.unique(np.asarray(items.to_pylist(), dtype=object), return_inverse=True)
-    order = candidates.popular_items(index, len(ids))
+    ids, index = np.unique(np.asarray(items.to_pylist(), dtype=object), return_inverse=True)  # sorted ids
+    counts = np.bincount(index, minlength=len(ids))
+    order = np.lexsort((np.arange(len(ids)), -counts))  # most first, ties by id
     return ids[order][:n].tolist()
 
 
