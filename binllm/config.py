@@ -428,6 +428,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'score.stale_run_hours': expected > 0 hours, got {cfg.score.stale_run_hours}")
     if cfg.data.history_len < 0:
         raise ConfigError(f"config key 'data.history_len': expected >= 0, got {cfg.data.history_len}")
+    if cfg.tune.lora.top_layers < 0:
+        raise ConfigError(f"config key 'tune.lora.top_layers': expected >= 0 (0: every layer), got {cfg.tune.lora.top_layers}")
     for key in ("max_title_tokens", "max_tokens"):
         if getattr(cfg.prompt, key) < 0:
             raise ConfigError(f"config key 'prompt.{key}': expected >= 0 (0: no cap), got {getattr(cfg.prompt, key)}")

@@ -29,6 +29,7 @@ def test_nested_sections_keep_defaults_for_keys_left_out(tmp_path):
     ("paper.methods=[XX]", "config key 'paper.methods': expected some of"),
     ("prompt.max_tokens=-1", "config key 'prompt.max_tokens': expected >= 0"),
     ("prompt.max_title_tokens=-5", "config key 'prompt.max_title_tokens': expected >= 0"),
+    ("tune.lora.top_layers=-1", "config key 'tune.lora.top_layers': expected >= 0"),
 ])
 def test_bad_keys_and_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
