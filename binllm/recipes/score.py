@@ -11,7 +11,7 @@ from __future__ import annotations
 from binllm.config import Config
 from binllm.pipeline import ScoringSummary, run_scoring
 
-SECTIONS = ("run", "storage", "prompt", "llm", "tune", "score")
+SECTIONS = ("run", "storage", "data", "encoder", "prompt", "llm", "tune", "score")
 
 
 def setup(cfg: Config) -> None:
