@@ -165,6 +165,7 @@ class TuneConfig:
     stage2: StageConfig = field(default_factory=StageConfig)
     autocast: Literal["", "bfloat16"] = ""  # bfloat16: tuning forwards under bf16 autocast (fp32 weights, LoRA
     # and answer head); twice the speed on CPUs with AVX512-BF16 or AMX
+    shared_prefix: bool = False  # micro-batches keep a prefix's rows together; each distinct prefix runs once
     adapter: str = ""  # adapter location; empty means <run dir>/adapter
 
 

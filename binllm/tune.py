@@ -25,9 +25,11 @@ from transformers import PreTrainedTokenizerBase
 from binllm import data
 from binllm.config import Config, StageConfig
 from binllm.data.schema import DataError
-from binllm.llm import AnswerTokens, answer_tokens, apply_lora, collate_prompts, encode_prompts, yes_logits
+from binllm.llm import (AnswerTokens, EncodedPrompts, answer_tokens, apply_lora, collate_prompts, encode_prompt_parts,
+                        yes_logits)
 from binllm.llm.batching import length_buckets
 from binllm.llm.forward import unwrap_causal_lm
+from binllm.llm.shared_prefix_logits import shared_prefix_yes_logits
 from binllm.metrics import auc
 from binllm.prompts import build_prompts
 from binllm.train.backend import Backend, LocalBackend
@@ -82,6 +84,10 @@ class TuneResult:
 class PromptSet:
     token_ids: list[list[int]]
     labels: np.ndarray  # float32 0/1
+    # Row i's tokens are its prefix's (token_ids[i][:prefix_lengths[i]]) then its suffix's; rows with the same
+    # prefix_of_row share the prefix tokens. None: not known (no shared-prefix training).
+    prefix_of_row: np.ndarray | None = None  # int64
+    prefix_lengths: np.ndarray | None = None  # int64
 
     @property
     def lengths(self) -> np.ndarray:
@@ -89,6 +95,17 @@ class PromptSet:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def encoded(self, rows: np.ndarray) -> EncodedPrompts:
+        """`rows` as prompts with each distinct prefix once; pair j is row rows[j]."""
+        if self.prefix_of_row is None or self.prefix_lengths is None:
+            raise ValueError("this PromptSet has no prefix/suffix split (build it with tokenize_rows)")
+        _, first, pair_prefix = np.unique(self.prefix_of_row[rows], return_index=True, return_inverse=True)
+        cut = self.prefix_lengths[rows].tolist()
+        prefix_ids = [self.token_ids[r][: cut[j]] for r, j in zip(rows[first].tolist(), first.tolist())]
+        suffix_ids = [self.token_ids[r][n:] for r, n in zip(rows.tolist(), cut)]
+        return EncodedPrompts(prefix_ids=prefix_ids, suffix_ids=suffix_ids,
+                              pair_prefix=pair_prefix.reshape(-1).astype(np.int64))
 
 
 def tuning_stages(cfg: Config) -> list[Stage]:
@@ -115,7 +132,11 @@ def tokenize_rows(rows: pa.Table, items: pa.Table, user_codes: pa.Table | None, 
     labels = rows.column("label").to_numpy(zero_copy_only=False).astype(np.float32)
     if not np.isin(labels, (0.0, 1.0)).all():
         raise DataError("examples: column 'label' must hold 0/1 values")
-    return PromptSet(encode_prompts(tokenizer, batch.prefix, batch.suffix), labels), batch.prefix[0] + batch.suffix[0]
+    encoded = encode_prompt_parts(tokenizer, batch.prefix, batch.suffix)
+    prefix_lengths = np.fromiter(map(len, encoded.prefix_ids), dtype=np.int64, count=len(encoded.prefix_ids))
+    prompts = PromptSet(encoded.sequences(), labels, prefix_of_row=encoded.pair_prefix,
+                        prefix_lengths=prefix_lengths[encoded.pair_prefix])
+    return prompts, batch.prefix[0] + batch.suffix[0]
 
 
 def train_micro_batches(lengths: np.ndarray, backend: Backend, micro_batch_size: int, grad_accum: int,
@@ -172,20 +193,93 @@ def token_budget_micro_batches(lengths: np.ndarray, micro_batch_tokens: int, gra
     return batches[rank::world_size]
 
 
+def shared_prefix_micro_batches(prefix_of_row: np.ndarray, prefix_lengths: np.ndarray, lengths: np.ndarray,
+                                grad_accum: int, seed: int, epoch: int, *, micro_batch_size: int = 0,
+                                micro_batch_tokens: int = 0, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+    """Micro-batches (row indices) that keep the rows of one prefix together, for shared-prefix training.
+
+    A micro-batch costs what the shared-prefix forward computes: its distinct prefixes x the longest of
+    them, plus its rows x the longest suffix (suffix = lengths - prefix_lengths). micro_batch_tokens > 0
+    caps that cost; otherwise micro_batch_size caps the rows. The prefix groups, and the rows within each,
+    are shuffled with (seed, epoch); windows of about BUCKET_MICRO_BATCHES micro-batches of groups are
+    sorted by prefix length and cut greedily (a group over the cap alone is cut into pieces that fit, each
+    running the prefix). Then as in token_budget_micro_batches: batches shuffled, whole groups of
+    world_size x grad_accum kept, rank r takes every world_size-th batch from r.
+    """
+    by_tokens = micro_batch_tokens > 0
+    cap = micro_batch_tokens if by_tokens else micro_batch_size
+    if cap < 1:
+        raise ValueError(f"shared-prefix micro-batches need micro_batch_tokens or micro_batch_size >= 1, got "
+                         f"{micro_batch_tokens} and {micro_batch_size}")
+
+    def cost(prefixes: int, longest_prefix: int, rows: int, longest_suffix: int) -> int:
+        return prefixes * longest_prefix + rows * longest_suffix if by_tokens else rows
+
+    rng = np.random.default_rng([seed, epoch])
+    suffix_lengths = lengths - prefix_lengths
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(prefix_of_row[order], kind="stable")]
+    starts = np.flatnonzero(np.diff(prefix_of_row[order])) + 1
+    groups = np.split(order, starts) if len(order) else []
+    groups = [groups[i] for i in rng.permutation(len(groups))]
+    shape = [(int(prefix_lengths[g[0]]), int(suffix_lengths[g].max())) for g in groups]
+
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(groups):
+        stop, window = start, 0
+        while stop < len(groups) and window < cap * BUCKET_MICRO_BATCHES:
+            window += cost(1, shape[stop][0], len(groups[stop]), shape[stop][1])
+            stop += 1
+        current: list[np.ndarray] = []
+        prefixes = longest_prefix = rows = longest_suffix = 0
+        for k in sorted(range(start, stop), key=lambda k: -shape[k][0]):
+            group, (prefix, suffix) = groups[k], shape[k]
+            if current and cost(prefixes + 1, max(longest_prefix, prefix), rows + len(group),
+                                max(longest_suffix, suffix)) > cap:
+                batches.append(np.concatenate(current))
+                current, prefixes, longest_prefix, rows, longest_suffix = [], 0, 0, 0, 0
+            if cost(1, prefix, len(group), suffix) > cap:
+                piece = max(1, (cap - prefix) // max(suffix, 1)) if by_tokens else cap
+                batches.extend(group[i:i + piece] for i in range(0, len(group), piece))
+                continue
+            current.append(group)
+            prefixes, longest_prefix = prefixes + 1, max(longest_prefix, prefix)
+            rows, longest_suffix = rows + len(group), max(longest_suffix, suffix)
+        if current:
+            batches.append(np.concatenate(current))
+        start = stop
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    group_size = world_size * grad_accum
+    batches = batches[: len(batches) // group_size * group_size]
+    return batches[rank::world_size]
+
+
 def stage_steps(n_rows: int, world_size: int, settings: StageConfig,
-                lengths: np.ndarray | None = None, seed: int = 0) -> tuple[int, int]:
+                lengths: np.ndarray | None = None, seed: int = 0,
+                prefixes: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps of the stage). Token-budget stages count the
-    micro-batches of each epoch's plan (`lengths`: the training rows' token counts)."""
-    if settings.micro_batch_tokens > 0:
+    micro-batches of each epoch's plan (`lengths`: the training rows' token counts); so do shared-prefix
+    stages (`prefixes`: the rows' prefix_of_row and prefix_lengths, see shared_prefix_micro_batches)."""
+    if settings.micro_batch_tokens > 0 or prefixes is not None:
         if lengths is None:
-            raise ValueError("stage_steps: token-budget micro-batches need the rows' lengths")
-        counts = [len(token_budget_micro_batches(lengths, settings.micro_batch_tokens, settings.grad_accum, seed,
-                                                 epoch, world_size=world_size)) // settings.grad_accum
-                  for epoch in range(settings.epochs)]
+            raise ValueError("stage_steps: token-budget and shared-prefix micro-batches need the rows' lengths")
+
+        def plan(epoch: int) -> list[np.ndarray]:
+            if prefixes is not None:
+                return shared_prefix_micro_batches(
+                    *prefixes, lengths, settings.grad_accum, seed, epoch, micro_batch_size=settings.micro_batch_size,
+                    micro_batch_tokens=settings.micro_batch_tokens, world_size=world_size)
+            return token_budget_micro_batches(lengths, settings.micro_batch_tokens, settings.grad_accum, seed, epoch,
+                                              world_size=world_size)
+
+        counts = [len(plan(epoch)) // settings.grad_accum for epoch in range(settings.epochs)]
         if counts[0] == 0:
-            raise DataError(f"{n_rows} training rows make no optimizer step with micro_batch_tokens="
-                             f"{settings.micro_batch_tokens}, grad_accum={settings.grad_accum} on {world_size} "
-                             "rank(s); lower them or add rows")
+            size = (f"micro_batch_tokens={settings.micro_batch_tokens}" if settings.micro_batch_tokens > 0
+                    else f"micro_batch_size={settings.micro_batch_size}")
+            what = "shared-prefix micro-batches of " if prefixes is not None else ""
+            raise DataError(f"{n_rows} training rows make no optimizer step with {what}{size}, grad_accum="
+                             f"{settings.grad_accum} on {world_size} rank(s); lower them or add rows")
         total = sum(counts)
         return counts[0], min(total, settings.max_steps) if settings.max_steps else total
     per_rank = -(-n_rows // world_size)
@@ -199,15 +293,23 @@ def stage_steps(n_rows: int, world_size: int, settings: StageConfig,
 
 
 class _StageTask:
-    """Batches, loss and validation of one stage, for run_training."""
+    """Batches, loss and validation of one stage, for run_training. shared_prefix: micro-batches keep the
+    rows of a prefix together and each distinct prefix runs once (shared_prefix_yes_logits); train_tokens
+    then counts the tokens computed (each prefix once plus the suffixes), not the prompts' tokens."""
 
     def __init__(self, backend: Backend, train: PromptSet, valid: PromptSet, settings: StageConfig,
-                 answer: AnswerTokens, pad_id: int, seed: int, autocast: torch.dtype | None = None):
+                 answer: AnswerTokens, pad_id: int, seed: int, autocast: torch.dtype | None = None,
+                 shared_prefix: bool = False):
         self.backend, self.train, self.valid, self.settings = backend, train, valid, settings
         self.answer, self.pad_id, self.seed, self.autocast = answer, pad_id, seed, autocast
+        self.shared_prefix = shared_prefix
         self.train_lengths = train.lengths
         self.train_tokens = self.padded_tokens = 0
         self.eval_seconds = 0.0
+
+    def _autocast(self):
+        return torch.autocast(self.backend.device.type, dtype=self.autocast or torch.bfloat16,
+                              enabled=self.autocast is not None)
 
     def _tensors(self, prompts: PromptSet, rows: np.ndarray):
         input_ids, mask = collate_prompts([prompts.token_ids[i] for i in rows.tolist()], self.pad_id)
@@ -216,18 +318,41 @@ class _StageTask:
         return input_ids.to(device), mask.to(device), labels.to(device)
 
     def _scores(self, model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(input_ids.device.type, dtype=self.autocast or torch.bfloat16,
-                            enabled=self.autocast is not None):
+        with self._autocast():
             return yes_logits(model, input_ids, mask, self.answer)
 
+    def _shared_scores(self, model: torch.nn.Module, encoded: EncodedPrompts) -> torch.Tensor:
+        with self._autocast():
+            return shared_prefix_yes_logits(model, encoded, self.answer, self.pad_id)
+
+    def _shared_plan(self, prompts: PromptSet, rows: np.ndarray, grad_accum: int, epoch: int, scale: int = 1, *,
+                     rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+        """Shared-prefix micro-batches of `rows` (positions in rows), caps scaled by `scale`."""
+        return shared_prefix_micro_batches(
+            prompts.prefix_of_row[rows], prompts.prefix_lengths[rows], prompts.lengths[rows], grad_accum, self.seed,
+            epoch, micro_batch_size=scale * self.settings.micro_batch_size,
+            micro_batch_tokens=scale * max(self.settings.micro_batch_tokens, 0), rank=rank, world_size=world_size)
+
     def batches(self, epoch: int):
+        if self.shared_prefix:
+            yield from self._shared_plan(self.train, np.arange(len(self.train)), self.settings.grad_accum, epoch,
+                                         rank=self.backend.rank, world_size=self.backend.world_size)
+            return
         for rows in train_micro_batches(self.train_lengths, self.backend, self.settings.micro_batch_size,
                                         self.settings.grad_accum, self.seed, epoch,
                                         micro_batch_tokens=self.settings.micro_batch_tokens):
             yield rows
 
     def loss(self, model: torch.nn.Module, rows: np.ndarray, epoch: int) -> torch.Tensor:
-        input_ids, mask, labels = self._tensors(self.train, rows)
+        labels = torch.from_numpy(self.train.labels[rows]).to(self.backend.device)
+        if self.shared_prefix:
+            encoded = self.train.encoded(rows)
+            prefix_lengths = [len(ids) for ids in encoded.prefix_ids]
+            suffix_lengths = [len(ids) for ids in encoded.suffix_ids]
+            self.train_tokens += sum(prefix_lengths) + sum(suffix_lengths)
+            self.padded_tokens += max(prefix_lengths) * len(prefix_lengths) + max(suffix_lengths) * len(rows)
+            return F.binary_cross_entropy_with_logits(self._shared_scores(model, encoded), labels)
+        input_ids, mask, _ = self._tensors(self.train, rows)
         lengths = self.train_lengths[rows]
         self.train_tokens += int(lengths.sum())  # from the host-side lengths: no device sync per micro-batch
         self.padded_tokens += int(lengths.max()) * len(rows)
@@ -241,6 +366,13 @@ class _StageTask:
             return [np.arange(s, min(s + size, len(sorted_lengths))) for s in range(0, len(sorted_lengths), size)]
         return length_buckets(sorted_lengths, 2 * self.settings.micro_batch_tokens)
 
+    def _shared_eval_batches(self, mine: np.ndarray) -> list[np.ndarray]:
+        """Positions in `mine` per shared-prefix forward (twice the training caps); every rank gets as many
+        batches as the rank with the most (its first batch repeated), since ZeRO-3 forwards are collective."""
+        plan = self._shared_plan(self.valid, mine, 1, 0, scale=2)
+        most = int(self.backend.gather({"batches": np.asarray([len(plan)])})["batches"].max())
+        return plan + plan[:1] * (most - len(plan))
+
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """AUC and mean BCE over all validation rows. Every rank scores the same number of batches
         (ZeRO-3 forwards are collective), so shards wrap around and duplicates are dropped after the gather."""
@@ -248,9 +380,13 @@ class _StageTask:
         mine = self.backend.shard_indices(len(self.valid), even=True)
         mine = mine[np.argsort(self.valid.lengths[mine], kind="stable")]
         scores = np.empty(len(mine), dtype=np.float32)
-        for batch in self._eval_batches(self.valid.lengths[mine]):
-            input_ids, mask, _ = self._tensors(self.valid, mine[batch])
-            scores[batch] = self._scores(model, input_ids, mask).cpu().numpy()
+        if self.shared_prefix:
+            for batch in self._shared_eval_batches(mine):
+                scores[batch] = self._shared_scores(model, self.valid.encoded(mine[batch])).cpu().numpy()
+        else:
+            for batch in self._eval_batches(self.valid.lengths[mine]):
+                input_ids, mask, _ = self._tensors(self.valid, mine[batch])
+                scores[batch] = self._scores(model, input_ids, mask).cpu().numpy()
         gathered = self.backend.gather({"index": mine, "score": scores})
         index, first = np.unique(gathered["index"], return_index=True)
         scores, labels = gathered["score"][first], self.valid.labels[index]
@@ -299,13 +435,14 @@ def fit_micro_batch_tokens(model: torch.nn.Module, answer: AnswerTokens, lengths
 
 
 def _run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet, valid: PromptSet,
-               answer: AnswerTokens, pad_id: int, seed: int,
-               autocast: torch.dtype | None = None) -> tuple[StageResult, dict[str, torch.Tensor]]:
+               answer: AnswerTokens, pad_id: int, seed: int, autocast: torch.dtype | None = None,
+               shared_prefix: bool = False) -> tuple[StageResult, dict[str, torch.Tensor]]:
     settings = stage.settings
     if settings.micro_batch_tokens < 0:
         settings = dataclasses.replace(
             settings, micro_batch_tokens=fit_micro_batch_tokens(model, answer, train.lengths, backend))
-    _, total_steps = stage_steps(len(train), backend.world_size, settings, train.lengths, seed)
+    _, total_steps = stage_steps(len(train), backend.world_size, settings, train.lengths, seed,
+                                 (train.prefix_of_row, train.prefix_lengths) if shared_prefix else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = warmup_cosine(
@@ -313,7 +450,7 @@ def _run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSe
         start_factor=settings.warmup_start_lr / settings.lr if settings.lr else 0.0,
         floor_factor=settings.min_lr / settings.lr if settings.lr else 0.0)
     prepared = backend.prepare(model, optimizer, scheduler)
-    task = _StageTask(backend, train, valid, settings, answer, pad_id, seed, autocast)
+    task = _StageTask(backend, train, valid, settings, answer, pad_id, seed, autocast, shared_prefix)
     started = time.perf_counter()
     result = run_training(
         backend, prepared,
@@ -405,7 +542,7 @@ def tune_lora(
             copy_into_parameters(peft_model, best_state)
         else:
             summary, best_state = _run_stage(stage, stage_backend, peft_model, train, valid, answer, pad_id, seed,
-                                              autocast)
+                                              autocast, cfg.tune.shared_prefix)
             if isinstance(stage_backend, StageAware):
                 stage_backend.end_stage(stage.name, {"result": dataclasses.asdict(summary), "best_state": best_state})
         results.append(summary)

@@ -15,7 +15,8 @@ from binllm.prompts import build_prompts
 from binllm.train.backend import LocalBackend
 from binllm.config import StageConfig
 from binllm.llm import apply_lora, save_adapter
-from binllm.tune import split_rows, stage_steps, train_micro_batches, tune_lora
+from binllm.tune import (shared_prefix_micro_batches, split_rows, stage_steps, tokenize_rows, train_micro_batches,
+                         tune_lora)
 from synthetic import make_planted_examples
 
 TUNE_SETTINGS = [
@@ -163,3 +164,21 @@ def test_tuning_with_a_token_budget_matches_its_planned_steps(planted, tiny_llm_
     (stage,) = result.stages
     assert stage.steps > 0 and stage.history[-1]["step"] == stage.steps
     assert stage.padded_tokens <= 1200 * stage.steps
+
+
+def test_shared_prefix_tuning_learns_the_planted_signal_and_computes_fewer_tokens(planted, tiny_llm_dir):
+    result, cfg, tokenizer = _tune(planted, tiny_llm_dir, "tune.mode=intuitive", "tune.stage2.epochs=3",
+                                   "tune.stage2.eval_every=20", "tune.shared_prefix=true")
+    (stage,) = result.stages
+    assert stage.history[-1]["loss"] < stage.history[0]["loss"] / 2
+    assert result.best_auc > 0.9  # as the full-prompt run (test_intuitive_tuning_learns_the_planted_signal)
+
+    examples, items, user_codes, item_codes = planted
+    train, _ = tokenize_rows(split_rows(examples, "train", 320, cfg.run.seed), items, user_codes, item_codes, cfg,
+                             "full", tokenizer)
+    plan = [batch for epoch in range(3) for batch in shared_prefix_micro_batches(
+        train.prefix_of_row, train.prefix_lengths, train.lengths, 1, cfg.run.seed, epoch, micro_batch_size=16)]
+    assert stage.steps == len(plan) and [h["step"] for h in stage.history][-1] == stage.steps
+    prompt_tokens = sum(int(train.lengths[batch].sum()) for batch in plan)
+    computed = sum(sum(map(len, e.prefix_ids)) + sum(map(len, e.suffix_ids)) for e in map(train.encoded, plan))
+    assert stage.train_tokens == computed < 0.9 * prompt_tokens  # each prefix once per micro-batch

@@ -33,7 +33,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _training_attention_kernels(device: torch.device):
+def training_attention_kernels(device: torch.device):
     """On CUDA, SDPA without the cuDNN backend. Its backward returns NaN query gradients when a mask is
     given, the sequence length is 64 mod 128 and a query row is fully masked (left padding), on H100/H200
     with torch 2.11 (pytorch/pytorch#196678): seen here as LoRA tuning turning NaN mid-epoch. The memory-
@@ -64,6 +64,14 @@ def yes_logits(
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ")
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("yes_logits expects left-padded batches: every row's last position must be a real token")
+    return last_position_scores(model, answer_id, input_ids, attention_mask=attention_mask,
+                                position_ids=positions_from_mask(attention_mask), use_cache=False)
+
+
+def last_position_scores(model: nn.Module, answer_id: int | AnswerTokens, input_ids: torch.Tensor,
+                         **forward_kwargs) -> torch.Tensor:
+    """`model(input_ids, **forward_kwargs, logits_to_keep=1)` and the AnswerHead score of each row's last
+    position: float32 [B], differentiable (see yes_logits). Each row's last column must be its last token."""
     causal_lm = unwrap_causal_lm(model)
     head_module = causal_lm.get_output_embeddings()
     answer = as_answer_tokens(answer_id)
@@ -83,14 +91,8 @@ def yes_logits(
     handles = [head_module.register_forward_pre_hook(take_hidden, prepend=True),
                head_module.register_forward_pre_hook(take_head)]
     try:
-        with _training_attention_kernels(input_ids.device):
-            model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions_from_mask(attention_mask),
-                use_cache=False,
-                logits_to_keep=1,
-            )
+        with training_attention_kernels(input_ids.device):
+            model(input_ids=input_ids, **forward_kwargs, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()

@@ -61,9 +61,10 @@ class _PrefixLayer(DynamicLayer):
 
 
 def _run_prefixes(
-    decoder: nn.Module, prefixes: Sequence[Sequence[int]], pad_id: int, device: torch.device
+    decoder: nn.Module, prefixes: Sequence[Sequence[int]], pad_id: int, device: torch.device, **forward_kwargs
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (keys, values) [G, kv_heads, P_max, head_dim] of right-padded prefixes.
+    """Per-layer (keys, values) [G, kv_heads, P_max, head_dim] of right-padded prefixes. `decoder` may also
+    be a whole causal LM (training runs its own forward; forward_kwargs such as logits_to_keep go to it).
 
     Right padding keeps each real token's causal context free of padding, so no mask is needed.
     """
@@ -71,7 +72,7 @@ def _run_prefixes(
     input_ids = np.full((len(prefixes), width), pad_id, dtype=np.int64)
     for row, ids in enumerate(prefixes):
         input_ids[row, : len(ids)] = ids
-    out = decoder(input_ids=torch.from_numpy(input_ids).to(device), use_cache=True)
+    out = decoder(input_ids=torch.from_numpy(input_ids).to(device), use_cache=True, **forward_kwargs)
     return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
 
