@@ -1,9 +1,9 @@
 r"""An HTTP proxy on 127.0.0.1 in front of the test S3 server that injects faults into chosen requests.
 
     with FaultProxy(upstream="http://127.0.0.1:5000") as proxy:
-        proxy.add(Fault("503", method="GET", path=r"\.parquet", every=3))   # every 3rd matching request
+        fault = proxy.add(Fault("503", method="GET", path=r"\.parquet", every=3))   # every 3rd matching request
         ... point AWS_ENDPOINT_URL at proxy.url ...
-        assert proxy.injected("503") > 0
+        assert fault.injected > 0
 
 A fault applies to requests whose method and path (regex search) match, either to the first `first`
 of them or to every `every`-th one; the request that follows a faulted one (the client's retry) is
@@ -144,15 +144,6 @@ class FaultProxy:
         with self._lock:
             self.faults.append(fault)
         return fault
-
-    def clear(self) -> None:
-        with self._lock:
-            self.faults.clear()
-            self.log.clear()
-
-    def injected(self, action: str) -> int:
-        with self._lock:
-            return sum(1 for _, _, a in self.log if a == action)
 
     def start(self) -> "FaultProxy":
         self._thread.start()
