@@ -5,7 +5,8 @@
 
 Reads <run dir>/examples, <run dir>/codes (or data.examples / encoder.codes) and the base model
 (llm.model: a local folder, an s3:// prefix or demo:smollm2-135m); writes the adapter to tune.adapter
-(default <run dir>/adapter) with tune_result.json beside it. Its Ray Train run is `<run.name>-lora`:
+(default <run dir>/adapter) with tune_result.json and binllm_prompt_spec.json (binllm.prompt_spec) beside
+it. Its Ray Train run is `<run.name>-lora`:
 the same run.name resumes it from its latest checkpoint; a new run.name starts fresh.
 """
 from __future__ import annotations
