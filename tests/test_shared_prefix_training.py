@@ -209,9 +209,43 @@ def test_shared_prefix_micro_batches_split_evenly_over_ranks_in_whole_accumulati
                          outcome="DataError naming the sizes")
 def test_a_shared_prefix_stage_without_a_whole_step_names_its_sizes():
     prefix_of_row, prefix_lengths, lengths = grouped_rows(n_prefixes=4)
-    with pytest.raises(DataError, match=r"^\d+ training rows make no optimizer step with shared-prefix micro-batches "
-                                        r"of micro_batch_size=64, grad_accum=4 on 2 rank\(s\); lower them or add rows$"):
+    message = (r"^\d+ training rows make no optimizer step with shared-prefix micro-batches of micro_batch_size=64, "
+               r"grad_accum=4 on 2 rank\(s\); lower them or add rows$")
+    with pytest.raises(DataError, match=message):
         stage_steps(len(lengths), 2, StageConfig(micro_batch_size=64, grad_accum=4), lengths,
                     prefixes=(prefix_of_row, prefix_lengths))
     with pytest.raises(ValueError, match="need micro_batch_tokens or micro_batch_size >= 1, got 0 and 0"):
         shared_prefix_micro_batches(prefix_of_row, prefix_lengths, lengths, 1, 0, 0)
+
+
+def test_shared_prefix_validation_gives_every_rank_as_many_forwards_as_the_busiest(tiny_llm_dir):
+    """ZeRO-3 forwards are collective: a rank with fewer shared-prefix batches repeats its first one."""
+    from binllm.train.backend import LocalBackend
+    from binllm.tune import PromptSet, _StageTask
+
+    class FirstOfTwoRanks(LocalBackend):
+        rank, world_size = 0, 2
+
+        def gather(self, arrays):  # the other rank planned two batches more
+            return {key: np.concatenate([value, value + 2]) for key, value in arrays.items()}
+
+    prefix_of_row, prefix_lengths, lengths = grouped_rows(n_prefixes=20)
+    valid = PromptSet([[1] * n for n in lengths.tolist()], np.zeros(len(lengths), dtype=np.float32), prefix_of_row,
+                      prefix_lengths)
+    task = _StageTask(FirstOfTwoRanks(), valid, valid, StageConfig(micro_batch_size=4), ANSWER, PAD, 0,
+                      shared_prefix=True)
+    mine = np.arange(len(lengths))
+    plan = task._shared_plan(valid, mine, 1, 0, scale=2)
+    batches = task._shared_eval_batches(mine)
+    assert len(batches) == len(plan) + 2 and max(len(b) for b in plan) <= 8
+    assert [b.tolist() for b in batches] == [b.tolist() for b in plan + plan[:1] * 2]
+
+
+@pytest.mark.reliability(kind="bad input", what="shared-prefix training on a model without 4D-mask attention",
+                         outcome="ValueError naming the attention implementation")
+def test_shared_prefix_training_refuses_an_attention_without_custom_masks(tiny_llm_dir):
+    model, _ = load_causal_lm(tiny_llm_dir, dtype="float32")
+    model.config._attn_implementation = "flash_attention_2"
+    encoded = make_rows("no padding anywhere", model.config.vocab_size)
+    with pytest.raises(ValueError, match="this model uses 'flash_attention_2' .*or turn shared_prefix off"):
+        shared_prefix_yes_logits(model, encoded, ANSWER, PAD)

@@ -29,9 +29,9 @@ def _attention_mask_format(decoder: nn.Module) -> str:
     implementation = getattr(decoder.config, "_attn_implementation", None)
     if implementation not in _MASK_FORMATS:
         raise ValueError(
-            f"shared-prefix scoring needs a custom 4D attention mask, which works with attn_implementation "
-            f"'sdpa' or 'eager'; this model uses {implementation!r} (load it with attn_implementation='sdpa', "
-            "or score with shared_prefix=False)"
+            f"shared-prefix scoring and training need a custom 4D attention mask, which works with "
+            f"attn_implementation 'sdpa' or 'eager'; this model uses {implementation!r} (load it with "
+            "attn_implementation='sdpa', or turn shared_prefix off)"
         )
     return implementation
 
