@@ -104,8 +104,9 @@ def _file_names(uri: str, storage_cfg: StorageConfig | None) -> list[str]:
 
 
 def check_model_folders(model_uri: str, adapter_uri: str, storage_cfg: StorageConfig | None = None) -> None:
-    """The base model folder (a local path or s3:// prefix; the demo model is built here) has config.json and
-    weights, the adapter folder its config and safetensors weights: checked before scoring actors load them."""
+    """The base model folder (a local path or s3:// prefix; not the demo model, which the job builds itself) has
+    config.json and weights, the adapter folder its config and safetensors weights: checked before the model
+    is copied to this node and before scoring actors load them."""
     names = _file_names(model_uri, storage_cfg) if model_uri != sources.DEMO_MODEL else ["config.json", "model.safetensors"]
     if not names:
         raise InputError(f"LLM folder not found or empty: {model_uri}")
