@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from binllm import cli, codes
 from pipeline_helpers import DT, write_inputs
+from ray_cluster import local_ray
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -268,9 +268,8 @@ def bad(tmp_path_factory, scoring_inputs, tiny_llm_dir):
 @pytest.fixture(scope="module")
 def ray_local():
     """The score job's setup joins this Ray (init_ray reuses a running one); stopped after the module."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 @pytest.fixture(autouse=True)

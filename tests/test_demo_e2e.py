@@ -9,19 +9,18 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from binllm.config import load_config
 from binllm.recipes import demo
+from ray_cluster import local_ray
 from synthetic import make_planted_examples
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
     """The demo's closing nightly-scoring step joins this module's Ray (binllm.ray_env.init_ray reuses it)."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from binllm.cli import run_recipe
 from binllm.pipeline import run_scoring
 from binllm.recipes import prepare, score
 from pipeline_helpers import DT, scoring_config, write_inputs
+from ray_cluster import local_ray
 from s3_fault_proxy import Fault, FaultProxy
 
 OUT = "nightly/scores"
@@ -38,10 +39,8 @@ OUT = "nightly/scores"
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    with local_ray(progress_bars=False):
+        yield
 
 
 def new_bucket(endpoint: str) -> str:

@@ -10,20 +10,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
-import ray
 
 from binllm import storage
 from binllm.pipeline import InputError, run_scoring
 from binllm.pipeline.pairs import user_histories
 from pipeline_helpers import DT, expected_logits, histories_before, scoring_config, write_inputs
+from ray_cluster import local_ray
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    with local_ray(progress_bars=False):
+        yield
 
 
 def test_requests_on_s3_match_direct_scoring_and_rerun_replaces(s3_bucket, tiny_llm_dir, tmp_path):

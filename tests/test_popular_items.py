@@ -5,21 +5,20 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from binllm.config import load_config
 from binllm.pipeline import run
 from binllm.pipeline.inputs import parquet_paths
 from binllm.pipeline.pairs import normalise_log, timestamp_seconds
+from ray_cluster import local_ray
 
 CUTOFF = 1_000_000
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 def driver_side_popular_items(uri: str, history_before: int, n: int) -> list[str]:
