@@ -71,6 +71,16 @@ class SplitConfig:
 
 
 @dataclass
+class NegativesConfig:
+    """Sampled negatives for implicit logs (every row a read or click): k per positive, from items the user
+    never touched; each takes its positive's timestamp."""
+
+    k: int = 0  # negatives per positive; 0: off
+    sampling: Literal["uniform", "popularity"] = "uniform"  # popularity: in proportion to an item's rows
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     # recbole: a folder with <name>.inter and <name>.item; grouplens: ml-100k (u.data/u.item) or ml-1m
     # (ratings.dat/movies.dat) folder; table: Parquet/CSV files named by interactions/items + columns.
@@ -84,7 +94,10 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     history_len: int = 10
     warm_min_train: int = 1  # warm rows: user and item each have >= this many train rows (paper's code: 4)
-    rating_scale: list[float] = field(default_factory=lambda: [1.0, 5.0])  # ratings outside are bad rows
+    rating_scale: list[float] | None = None  # [lowest, highest]; ratings outside are bad rows; None (or []):
+    # inferred as the observed min..max
+    max_out_of_scale: float = 0.01  # a share of ratings outside data.rating_scale above this stops prepare
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
     bad_rows: Literal["drop", "refuse"] = "drop"  # exact duplicates and out-of-scale ratings: counted, then this
     examples: str = ""  # prepared examples location; empty means <run dir>/examples
 
@@ -204,6 +217,7 @@ class ScoreConfig:
     max_batch_tokens: int = 8192
     dtype: Literal["", "auto", "float32", "bfloat16", "tf32"] = ""  # scoring actors' llm dtype; empty: llm.dtype
     stale_run_hours: float = 24.0  # unpublished run folders older than this (any date of the output) are removed
+    stall_timeout_s: float = 1800.0  # a scoring pipeline with no progress this long fails naming the stage; 0: off
     fail_at_batch: int = 0  # fault-injection hook for tests: a scoring actor's process exits at this batch, once per run and node
 
 
@@ -417,8 +431,26 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'paper.code_formats': expected some of ['binary', 'dotted'], got "
                           f"{cfg.paper.code_formats}")
     scale = cfg.data.rating_scale
-    if len(scale) != 2 or scale[0] > scale[1]:
-        raise ConfigError(f"config key 'data.rating_scale': expected [lowest, highest], got {scale}")
+    if scale and (len(scale) != 2 or scale[0] > scale[1]):
+        raise ConfigError(f"config key 'data.rating_scale': expected [lowest, highest] (or null: inferred from the "
+                          f"ratings), got {scale}")
+    if scale and not scale[0] <= cfg.data.min_rating <= scale[1]:
+        raise ConfigError(f"config key 'data.min_rating': {cfg.data.min_rating:g} lies outside data.rating_scale "
+                          f"[{scale[0]:g}, {scale[1]:g}]; set data.min_rating inside it (the lowest rating that counts "
+                          "as a positive)")
+    if not 0 <= cfg.data.max_out_of_scale <= 1:
+        raise ConfigError(f"config key 'data.max_out_of_scale': expected a share in [0, 1], got "
+                          f"{cfg.data.max_out_of_scale:g}")
+    if cfg.data.negatives.k < 0:
+        raise ConfigError(f"config key 'data.negatives.k': expected >= 0 (0: off), got {cfg.data.negatives.k}")
+    if cfg.score.num_actors < 1:
+        raise ConfigError(f"config key 'score.num_actors': expected >= 1, got {cfg.score.num_actors}")
+    if cfg.score.cpus_per_actor < 0 or cfg.score.gpus_per_actor < 0:
+        raise ConfigError("config keys 'score.cpus_per_actor' and 'score.gpus_per_actor': expected >= 0, got "
+                          f"{cfg.score.cpus_per_actor:g} and {cfg.score.gpus_per_actor:g}")
+    if cfg.score.stall_timeout_s < 0:
+        raise ConfigError(f"config key 'score.stall_timeout_s': expected >= 0 seconds (0: off), got "
+                          f"{cfg.score.stall_timeout_s:g}")
     if cfg.data.warm_min_train < 1:
         raise ConfigError(f"config key 'data.warm_min_train': expected >= 1, got {cfg.data.warm_min_train}")
     if cfg.llm.answer == cfg.llm.negative_answer:

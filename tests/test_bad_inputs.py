@@ -5,6 +5,7 @@ The prepare cases fail before anything is written; the scoring cases fail in the
 before any Ray Data work or model load (a local Ray is started once, as the job's setup does).
 """
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ def case(job, overrides, message, what, id):
 
 
 TABLE = "data.columns={user_id: uid, item_id: iid, rating: stars, timestamp: ts, title: name}"
+IDS10 = {"uid": [1, 1, 2, 2, 1, 2, 1, 2, 1, 2], "iid": [10, 11, 10, 12, 12, 11, 11, 10, 12, 10]}
 LABELS = "data.columns={user_id: uid, item_id: iid, label: stars, timestamp: ts, title: name}"
 
 PREPARE_CASES = [
@@ -93,17 +95,78 @@ PREPARE_CASES = [
     case("prepare", ["data.interactions={bad}/duplicates.parquet", "data.bad_rows=refuse"],
          "interactions: 1 exact duplicate rows and 0 ratings outside data.rating_scale [1, 5]; data.bad_rows is "
          "'refuse' (set it to 'drop' to drop them)", "exact duplicate rows, data.bad_rows=refuse", "log-duplicates-refused"),
-    case("prepare", ["data.interactions={bad}/out_of_scale.parquet", "data.bad_rows=refuse"],
+    case("prepare", ["data.interactions={bad}/out_of_scale.parquet", "data.bad_rows=refuse", "data.rating_scale=[1, 5]"],
          "interactions: 0 exact duplicate rows and 1 ratings outside data.rating_scale [1, 5]; data.bad_rows is "
          "'refuse' (set it to 'drop' to drop them)", "rating outside data.rating_scale, data.bad_rows=refuse",
          "log-out-of-scale-refused"),
     case("prepare", ["data.interactions={bad}/empty.parquet"], "{bad}/empty.parquet: no interactions (the input is empty)",
          "interaction log with no rows", "log-empty"),
     case("prepare", ["data.columns={user_id: uid, item_id: iid, rating: '', label: '', timestamp: ts, title: name}"],
-         "data.columns: set 'rating' or 'label' to the column that holds the feedback",
-         "no rating or label column configured", "log-no-feedback-column"),
+         "{src}/inter.parquet: an implicit log (reads or clicks only, no negatives): no rating or label column is mapped "
+         "(data.columns.rating and data.columns.label are empty); set data.negatives.k (e.g. 4) to sample that many "
+         "negatives per positive from the items each user never touched, or map the feedback column in "
+         "data.columns.rating or data.columns.label", "no rating or label column configured (an implicit log)",
+         "log-no-feedback-column"),
     case("prepare", ["data.interactions="], "config keys 'data.interactions' and 'data.items': required for data.format 'table'",
          "data.format table without data.interactions", "log-not-configured"),
+    # data that cannot train (issue 18): refused at prepare, naming the key, column or file to change
+    case("prepare", ["data.interactions={bad}/ratings_1_to_10.parquet", "data.rating_scale=[1, 5]"],
+         "{bad}/ratings_1_to_10.parquet: 5 of 10 ratings (50.0%) fall outside data.rating_scale [1, 5]; the ratings run "
+         "from 1 to 10: set data.rating_scale to [1, 10] (or null: inferred from the ratings), or raise "
+         "data.max_out_of_scale (now 0.01) to drop them", "data.rating_scale that would drop half the ratings",
+         "scale-drops-rows"),
+    case("prepare", ["data.interactions={bad}/ratings_minus5_to_99.parquet", "data.rating_scale=[1, 5]"],
+         "{bad}/ratings_minus5_to_99.parquet: 6 of 10 ratings (60.0%) fall outside data.rating_scale [1, 5]; the ratings "
+         "run from -5 to 99: set data.rating_scale to [-5, 99] (or null: inferred from the ratings), or raise "
+         "data.max_out_of_scale (now 0.01) to drop them", "ratings from -5 to 99 against data.rating_scale [1, 5]",
+         "scale-weird-ratings"),
+    case("prepare", ["data.rating_scale=[1, 5]", "data.min_rating=6"],
+         "config key 'data.min_rating': 6 lies outside data.rating_scale [1, 5]; set data.min_rating inside it (the "
+         "lowest rating that counts as a positive)", "data.min_rating above the configured scale",
+         "min-rating-outside-scale"),
+    case("prepare", ["data.min_rating=11"],
+         "{src}/inter.parquet: data.min_rating 11 lies outside the ratings' range [1, 5] (label = rating >= "
+         "data.min_rating), so every row would be negative; set data.min_rating inside it, e.g. 4",
+         "data.min_rating above the inferred scale", "min-rating-outside-ratings"),
+    case("prepare", ["data.interactions={bad}/labels_all_1.parquet", LABELS],
+         "{bad}/labels_all_1.parquet: an implicit log (reads or clicks only, no negatives): column 'label' holds 1 on "
+         "every row; set data.negatives.k (e.g. 4) to sample that many negatives per positive from the items each "
+         "user never touched", "implicit log: a label column of 1s only", "implicit-labels-all-1"),
+    case("prepare", ["data.interactions={bad}/ratings_all_1.parquet"],
+         "{bad}/ratings_all_1.parquet: an implicit log (reads or clicks only, no negatives): every rating is 1; set "
+         "data.negatives.k (e.g. 4) to sample that many negatives per positive from the items each user never touched",
+         "implicit log: every rating the same", "implicit-one-rating"),
+    case("prepare", ["data.interactions={bad}/labels_all_0.parquet", LABELS],
+         "{bad}/labels_all_0.parquet: no row is a positive (column 'label' holds 0 on every row); map data.columns.label "
+         "to the column whose 1s are the clicks (or data.columns.rating to ratings)", "positive rate 0",
+         "positive-rate-0"),
+    case("prepare", ["data.interactions={bad}/ratings_4_and_5.parquet"],
+         "{bad}/ratings_4_and_5.parquet: every row is a positive (label = rating >= data.min_rating 4; the ratings run "
+         "from 4 to 5); set data.min_rating higher, e.g. 5, or, for a log of reads or clicks only, set data.negatives.k "
+         "(e.g. 4) to sample negatives from the items each user never touched", "positive rate 1",
+         "positive-rate-1"),
+    case("prepare", ["data.split.fractions=[0.8, 0.2, 0.0]"],
+         "examples: split 'test' is empty (data.split.fractions [0.8, 0.2, 0.0]; 10 rows kept); set data.split so that "
+         "train, valid and test each get rows", "a split with no rows", "split-empty"),
+    case("prepare", ["data.interactions={bad}/valid_negatives_only.parquet"],
+         "examples: split 'valid' holds label 0 only (2 rows, 1970-01-01 to 1970-01-01; label = rating >= "
+         "data.min_rating 4; the ratings run from 1 to 5); training and validation need both labels in every split: set "
+         "data.min_rating or data.split so that each split gets both", "a split with one label only",
+         "split-one-label"),
+    case("prepare", ["data.split.kind=months", "data.split.train_months=[14, 23]"],
+         "data.split: no rows fall inside the configured months windows (data.split train_months [14, 23], "
+         "valid_months [24, 28], test_months [29, 33], months since the log's first month); the log runs from "
+         "1970-01-01 to 1970-01-01", "month windows the log does not reach", "split-windows-miss-the-log"),
+    case("prepare", ["data.items={bad}/untitled_items.parquet"],
+         "{bad}/untitled_items.parquet: column 'name' is empty on every row, so no prompt would have a title; map "
+         "data.columns.title to the column with the item names", "item catalog without any title",
+         "catalog-no-titles"),
+    case("prepare", ["data.items={bad}/other_items.parquet"],
+         "{bad}/other_items.parquet: none of the log's 3 items is in the item catalog, so no prompt has a title; check "
+         "that data.columns.item_id names the same ids in both files (or point data.items at the catalog of this log)",
+         "item catalog that holds none of the log's items", "catalog-not-the-logs"),
+    case("prepare", ["data.negatives.k=-1"], "config key 'data.negatives.k': expected >= 0 (0: off), got -1",
+         "a negative number of sampled negatives", "negatives-k-negative"),
     case("prepare", ["data.split.kind=timestamps"],
          "config keys 'data.split.valid_start' and 'data.split.test_start' are required for kind 'timestamps', with "
          "valid_start <= test_start", "timestamp split without its cut-offs", "split-timestamps-without-cutoffs"),
@@ -188,6 +251,20 @@ SCORE_CASES = [
     case("score", ["llm.model={bad}/model_no_config"],
          "LLM folder {bad}/model_no_config: config.json is missing; expected a Hugging Face model folder (found "
          "{model_files_but_config})", "model folder without config.json", "model-no-config"),
+    # actor pools the 2-CPU Ray of these tests cannot hold beside the read and join tasks (issue 18: never hang)
+    case("score", ["score.num_actors=2", "score.cpus_per_actor=1"],
+         "config keys 'score.num_actors' (2) x 'score.cpus_per_actor' (1) ask for 2 CPUs for the scoring actors; the Ray "
+         "cluster has 2 CPUs and the read and join tasks need 1 besides the actors, so the pipeline would never finish: "
+         "set score.num_actors to 1 or less (or score.cpus_per_actor to 0.5 or less)",
+         "scoring actors holding every CPU of the cluster", "pool-takes-every-cpu"),
+    case("score", ["score.num_actors=1", "score.cpus_per_actor=4"],
+         "config keys 'score.num_actors' (1) x 'score.cpus_per_actor' (4) ask for 4 CPUs for the scoring actors; the Ray "
+         "cluster has 2 CPUs and the read and join tasks need 1 besides the actors, so the pipeline would never finish: "
+         "set score.num_actors to 1 and score.cpus_per_actor to 1 or less",
+         "one scoring actor larger than the cluster", "actor-larger-than-cluster"),
+    case("score", ["score.gpus_per_actor=1"],
+         "config keys 'score.num_actors' (1) x 'score.gpus_per_actor' (1) ask for 1 GPUs; the Ray cluster has 0: set "
+         "score.gpus_per_actor to 0 (CPU scoring)", "GPU scoring actors on a cluster without GPUs", "pool-wants-gpus"),
     case("score", ["llm.model={bad}/model_no_weights"],
          "LLM folder {bad}/model_no_weights: no model weights; expected *.safetensors or *.bin beside config.json",
          "model folder without weights", "model-no-weights"),
@@ -203,7 +280,8 @@ def write(path: Path, **columns) -> None:
 def src(tmp_path_factory):
     """A good table source: interactions and catalog as the prepare cases map them (TABLE)."""
     folder = tmp_path_factory.mktemp("src")
-    write(folder / "inter.parquet", uid=[1, 1, 2, 2, 1], iid=[10, 11, 10, 12, 12], stars=[5, 2, 4, 1, 5], ts=[1, 2, 3, 4, 5])
+    # 10 rows, fractions 0.6/0.2/0.2: train, valid and test each hold both labels (4+ stars), so prepare accepts it
+    write(folder / "inter.parquet", **IDS10, stars=[5, 2, 4, 1, 5, 2, 5, 1, 4, 2], ts=list(range(1, 11)))
     write(folder / "items.parquet", iid=[10, 11, 12], name=["A", "B", "C"])
     return folder
 
@@ -231,6 +309,16 @@ def bad(tmp_path_factory, scoring_inputs, tiny_llm_dir):
     write(folder / "out_of_scale.parquet", **ids, stars=[5, 9, 4, 1, 5], ts=[1, 2, 3, 4, 5])
     write(folder / "empty.parquet", **{c: pa.array([], pa.int64()) for c in ("uid", "iid", "stars", "ts")})
     write(folder / "duplicate_items.parquet", iid=[10, 11, 11], name=["A", "B", "C"])
+    ts = list(range(1, 11))
+    write(folder / "ratings_1_to_10.parquet", **IDS10, stars=list(range(1, 11)), ts=ts)
+    write(folder / "ratings_minus5_to_99.parquet", **IDS10, stars=[-5, 99, 3, 4, 50, 1, 2, 70, 80, 0], ts=ts)
+    write(folder / "labels_all_1.parquet", **IDS10, stars=[1] * 10, ts=ts)
+    write(folder / "ratings_all_1.parquet", **IDS10, stars=[1] * 10, ts=ts)
+    write(folder / "labels_all_0.parquet", **IDS10, stars=[0] * 10, ts=ts)
+    write(folder / "ratings_4_and_5.parquet", **IDS10, stars=[4, 5] * 5, ts=ts)
+    write(folder / "valid_negatives_only.parquet", **IDS10, stars=[5, 2, 4, 1, 5, 2, 1, 2, 4, 2], ts=ts)
+    write(folder / "untitled_items.parquet", iid=[10, 11, 12], name=pa.array([None, "", " "], pa.string()))
+    write(folder / "other_items.parquet", iid=[90, 91, 92], name=["X", "Y", "Z"])
     (folder / "list.yaml").write_text("- run\n- data\n")
     (folder / "ml-1m").mkdir()
     (folder / "ml-1m/ratings.dat").write_text("1::10::5::100\n1::11::4\n")
@@ -346,4 +434,5 @@ def test_the_good_inputs_of_these_cases_are_accepted(src, tmp_path, capsys):
                  f"data.items={src}/items.parquet", TABLE, "data.split.fractions=[0.6, 0.2, 0.2]"]:
         argv += ["--set", item]
     cli.main(["prepare", *argv])
-    assert pq.read_table(out / "r1/examples/examples.parquet").num_rows == 5
+    assert pq.read_table(out / "r1/examples/examples.parquet").num_rows == 10
+    assert json.loads((out / "r1/examples/profile.json").read_text())["rows"]["kept"] == 10

@@ -162,7 +162,7 @@ def test_timestamps_that_mix_units_are_refused():
 
 def test_duplicates_and_out_of_scale_ratings_are_counted_then_dropped_or_refused(caplog):
     inter = _interactions(["a", "a", "a", "b", "b"], [1, 1, 2, 3, 4], [5, 5, 99, 4, -5], [1, 1, 2, 3, 4])
-    cfg = DataConfig()
+    cfg = DataConfig(rating_scale=[1.0, 5.0], max_out_of_scale=1.0)  # a set scale; drop any share outside it
     cfg.split.fractions = [1.0, 0.0, 0.0]
     with caplog.at_level("WARNING"):
         examples = prepare_examples(inter, cfg)

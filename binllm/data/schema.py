@@ -101,7 +101,12 @@ def normalise_interactions(user, item, rating, label, timestamp, source: str) ->
     }, schema=INTERACTIONS)
 
 
-def normalise_items(item, title, source: str) -> pa.Table:
+def normalise_items(item, title, source: str, title_column: str = "title") -> pa.Table:
+    """The ITEMS table; a missing title becomes the item's id, and a catalog with no title at all is refused."""
+    if len(title) and pc.sum(pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(title.cast(pa.string())), ""),
+                                          False)).as_py() == 0:
+        raise DataError(f"{source}: column '{title_column}' is empty on every row, so no prompt would have a title; "
+                        "map data.columns.title to the column with the item names")
     if title.null_count:
         title = pc.if_else(pc.is_null(title), item.cast(pa.string()), title)
     items = pa.table({"item_id": as_ids(item, source, "item_id"), "title": title.cast(pa.string())}, schema=ITEMS)

@@ -5,12 +5,15 @@
         ─ Scorer actor pool (one LLM per actor) ─ Parquet under <output>/dt=D/run=R/ ─ manifest ─ publish
 
 A rerun of a date writes a fresh run folder and replaces the live one only when the pointer manifest
-flips (see binllm.storage), so readers never see a partial or doubled result.
+flips (see binllm.storage), so readers never see a partial or doubled result. No configuration can hang it:
+an actor pool the cluster cannot hold beside the read and join tasks is refused before any work, and an
+execution without progress for score.stall_timeout_s fails naming the stage (binllm.pipeline.watchdog).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import subprocess
 import time
 import uuid
@@ -29,6 +32,8 @@ from binllm.pipeline.inputs import (InputError, ScoringInputs, check_code_tables
                                     parquet_paths, resolve_inputs)
 from binllm.pipeline.pairs import PairSpec, build_pairs, normalise_log, normalise_requests, normalise_users
 from binllm.pipeline.scorer import Scorer, ScorerSpec
+from binllm.pipeline.watchdog import ensure_resources, release_resources
+from binllm.pipeline.watchdog import install as install_watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +100,24 @@ def _requests_dataset(inputs: ScoringInputs, cfg: Config) -> tuple[ray.data.Data
 
 
 def run_scoring(cfg: Config) -> ScoringSummary:
-    """Scores the configured pairs for date cfg.score.dt and publishes them; see the module docstring."""
+    """Scores the configured pairs for date cfg.score.dt and publishes them; see the module docstring.
+
+    Before any work, the actor pool is checked against the cluster's resources (ConfigError when it would leave
+    the read and join tasks no CPU; a joined cluster is first asked to grow, see ensure_resources); an execution
+    that makes no progress for score.stall_timeout_s fails with PipelineStalled naming the stage
+    (binllm.pipeline.watchdog)."""
     start = time.perf_counter()
+    requested = ensure_resources(cfg, joined=bool(os.environ.get("RAY_ADDRESS")))
+    restore = install_watchdog(cfg.score.stall_timeout_s)
+    try:
+        return _score(cfg, start)
+    finally:
+        restore()
+        if requested:
+            release_resources()
+
+
+def _score(cfg: Config, start: float) -> ScoringSummary:
     config_record = cfg.to_dict()  # holds no credentials: configs cannot carry them
     # Workers on other nodes may lack this process's AWS variables: hand them the resolved settings.
     cfg = dataclasses.replace(cfg, storage=storage.with_credentials(cfg.storage))
