@@ -179,6 +179,7 @@ class TuneConfig:
     autocast: Literal["", "bfloat16"] = ""  # bfloat16: tuning forwards under bf16 autocast (fp32 weights, LoRA
     # and answer head); twice the speed on CPUs with AVX512-BF16 or AMX
     shared_prefix: bool = False  # micro-batches keep a prefix's rows together; each distinct prefix runs once
+    cache_trunk: bool = False  # with lora.top_layers: the frozen layers below run once per prompt, kept on the host
     adapter: str = ""  # adapter location; empty means <run dir>/adapter
 
 
@@ -216,6 +217,8 @@ class ScoreConfig:
     gpus_per_actor: float = 0.0
     max_batch_tokens: int = 8192
     dtype: Literal["", "auto", "float32", "bfloat16", "tf32"] = ""  # scoring actors' llm dtype; empty: llm.dtype
+    autocast: Literal["", "bfloat16"] = ""  # bfloat16: LLM scoring (nightly, evaluate, paper table) under bf16
+    # autocast over float32 weights, as bf16-autocast tuning computes
     stale_run_hours: float = 24.0  # unpublished run folders older than this (any date of the output) are removed
     stall_timeout_s: float = 1800.0  # a scoring pipeline with no progress this long fails naming the stage; 0: off
     fail_at_batch: int = 0  # fault-injection hook for tests: a scoring actor's process exits at this batch, once per run and node
@@ -243,6 +246,7 @@ class DemoConfig:
     max_valid_rows: int = 128
     max_test_rows: int = 400
     score_users: int = 8  # active users for the closing nightly-scoring run (top score.top_k candidates each)
+    blend_valid_rows: int = 400  # validation rows that fit the Blend row (BinMF + BinLLM logits); 0: no blend
 
 
 @dataclass
@@ -463,6 +467,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.history_len': expected >= 0, got {cfg.data.history_len}")
     if cfg.tune.lora.top_layers < 0:
         raise ConfigError(f"config key 'tune.lora.top_layers': expected >= 0 (0: every layer), got {cfg.tune.lora.top_layers}")
+    if cfg.tune.cache_trunk:
+        if cfg.tune.lora.top_layers == 0:
+            raise ConfigError("config key 'tune.cache_trunk' needs 'tune.lora.top_layers' > 0: with LoRA on every "
+                              "layer no layer is frozen")
+        if cfg.tune.shared_prefix:
+            raise ConfigError("config keys 'tune.cache_trunk' and 'tune.shared_prefix' exclude each other: set one")
+        if cfg.distributed.zero_stage == 3:
+            raise ConfigError("config key 'tune.cache_trunk' does not work with 'distributed.zero_stage' 3 "
+                              "(partitioned layers); use stage 2 or turn the cache off")
     for key in ("max_title_tokens", "max_tokens"):
         if getattr(cfg.prompt, key) < 0:
             raise ConfigError(f"config key 'prompt.{key}': expected >= 0 (0: no cap), got {getattr(cfg.prompt, key)}")

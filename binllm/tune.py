@@ -25,11 +25,12 @@ from transformers import PreTrainedTokenizerBase
 from binllm import data
 from binllm.config import Config, StageConfig
 from binllm.data.schema import DataError
-from binllm.llm import (AnswerTokens, EncodedPrompts, answer_tokens, apply_lora, collate_prompts, encode_prompt_parts,
-                        yes_logits)
+from binllm.llm import (AnswerTokens, EncodedPrompts, answer_tokens, apply_lora, autocast_dtype, collate_prompts,
+                        encode_prompt_parts, yes_logits)
 from binllm.llm.batching import length_buckets
 from binllm.llm.forward import unwrap_causal_lm
 from binllm.llm.shared_prefix_logits import shared_prefix_yes_logits
+from binllm.llm.trunk import TrunkCache
 from binllm.metrics import auc
 from binllm.prompts import build_prompts
 from binllm.train.backend import Backend, LocalBackend
@@ -295,14 +296,16 @@ def stage_steps(n_rows: int, world_size: int, settings: StageConfig,
 class _StageTask:
     """Batches, loss and validation of one stage, for run_training. shared_prefix: micro-batches keep the
     rows of a prefix together and each distinct prefix runs once (shared_prefix_yes_logits); train_tokens
-    then counts the tokens computed (each prefix once plus the suffixes), not the prompts' tokens."""
+    then counts the tokens computed (each prefix once plus the suffixes), not the prompts' tokens.
+    trunks: (train, valid) TrunkCaches; the frozen layers below LoRA then run once per prompt and every
+    step and validation runs the adapted layers only."""
 
     def __init__(self, backend: Backend, train: PromptSet, valid: PromptSet, settings: StageConfig,
                  answer: AnswerTokens, pad_id: int, seed: int, autocast: torch.dtype | None = None,
-                 shared_prefix: bool = False):
+                 shared_prefix: bool = False, trunks: tuple[TrunkCache, TrunkCache] | None = None):
         self.backend, self.train, self.valid, self.settings = backend, train, valid, settings
         self.answer, self.pad_id, self.seed, self.autocast = answer, pad_id, seed, autocast
-        self.shared_prefix = shared_prefix
+        self.shared_prefix, self.trunks = shared_prefix, trunks
         self.train_lengths = train.lengths
         self.train_tokens = self.padded_tokens = 0
         self.eval_seconds = 0.0
@@ -343,8 +346,17 @@ class _StageTask:
                                         micro_batch_tokens=self.settings.micro_batch_tokens):
             yield rows
 
+    def _trunk_scores(self, model: torch.nn.Module, trunk: TrunkCache, rows: np.ndarray) -> torch.Tensor:
+        with self._autocast():
+            return trunk.scores(model, rows, self.answer)
+
     def loss(self, model: torch.nn.Module, rows: np.ndarray, epoch: int) -> torch.Tensor:
         labels = torch.from_numpy(self.train.labels[rows]).to(self.backend.device)
+        if self.trunks is not None:
+            lengths = self.train_lengths[rows]
+            self.train_tokens += int(lengths.sum())
+            self.padded_tokens += int(lengths.max()) * len(rows)
+            return F.binary_cross_entropy_with_logits(self._trunk_scores(model, self.trunks[0], rows), labels)
         if self.shared_prefix:
             encoded = self.train.encoded(rows)
             prefix_lengths = [len(ids) for ids in encoded.prefix_ids]
@@ -383,6 +395,9 @@ class _StageTask:
         if self.shared_prefix:
             for batch in self._shared_eval_batches(mine):
                 scores[batch] = self._shared_scores(model, self.valid.encoded(mine[batch])).cpu().numpy()
+        elif self.trunks is not None:
+            for batch in self._eval_batches(self.valid.lengths[mine]):
+                scores[batch] = self._trunk_scores(model, self.trunks[1], mine[batch]).cpu().numpy()
         else:
             for batch in self._eval_batches(self.valid.lengths[mine]):
                 input_ids, mask, _ = self._tensors(self.valid, mine[batch])
@@ -436,7 +451,7 @@ def fit_micro_batch_tokens(model: torch.nn.Module, answer: AnswerTokens, lengths
 
 def _run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet, valid: PromptSet,
                answer: AnswerTokens, pad_id: int, seed: int, autocast: torch.dtype | None = None,
-               shared_prefix: bool = False) -> tuple[StageResult, dict[str, torch.Tensor]]:
+               shared_prefix: bool = False, cache_trunk: bool = False) -> tuple[StageResult, dict[str, torch.Tensor]]:
     settings = stage.settings
     if settings.micro_batch_tokens < 0:
         settings = dataclasses.replace(
@@ -450,7 +465,10 @@ def _run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSe
         start_factor=settings.warmup_start_lr / settings.lr if settings.lr else 0.0,
         floor_factor=settings.min_lr / settings.lr if settings.lr else 0.0)
     prepared = backend.prepare(model, optimizer, scheduler)
-    task = _StageTask(backend, train, valid, settings, answer, pad_id, seed, autocast, shared_prefix)
+    store = autocast or torch.float32
+    trunks = (TrunkCache(model, train.token_ids, pad_id, store), TrunkCache(model, valid.token_ids, pad_id, store)) \
+        if cache_trunk else None
+    task = _StageTask(backend, train, valid, settings, answer, pad_id, seed, autocast, shared_prefix, trunks)
     started = time.perf_counter()
     result = run_training(
         backend, prepared,
@@ -471,6 +489,10 @@ def _run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSe
     if backend.is_main:
         log.info("%s (%s prompts): best validation AUC %.4f after %d steps; %d tokens in %.1f s",
                  stage.name, stage.prompt_kind, summary.best_auc, summary.steps, summary.train_tokens, seconds)
+        if trunks is not None:
+            log.info("%s: frozen trunk (layers below %d) cached for %d train and %d valid prompts, %.0f MiB",
+                     stage.name, trunks[0].split, sum(s is not None for s in trunks[0].states),
+                     sum(s is not None for s in trunks[1].states), (trunks[0].nbytes + trunks[1].nbytes) / 2**20)
     return summary, result.best_state
 
 
@@ -501,7 +523,7 @@ def tune_lora(
         raise TypeError("tune_lora expects the base causal LM; it attaches the LoRA adapter itself")
     stages = tuning_stages(cfg)
     seed = cfg.run.seed
-    autocast = torch.bfloat16 if cfg.tune.autocast == "bfloat16" else None
+    autocast = autocast_dtype(cfg.tune.autocast)
     lora = cfg.tune.lora
     device = next(model.parameters()).device
     torch.manual_seed(seed)
@@ -542,7 +564,7 @@ def tune_lora(
             copy_into_parameters(peft_model, best_state)
         else:
             summary, best_state = _run_stage(stage, stage_backend, peft_model, train, valid, answer, pad_id, seed,
-                                              autocast, cfg.tune.shared_prefix)
+                                              autocast, cfg.tune.shared_prefix, cfg.tune.cache_trunk)
             if isinstance(stage_backend, StageAware):
                 stage_backend.end_stage(stage.name, {"result": dataclasses.asdict(summary), "best_state": best_state})
         results.append(summary)

@@ -215,3 +215,15 @@ def test_adapters_load_from_safetensors_only(tiny_llm_dir, tmp_path):
     fresh, _ = load_causal_lm(tiny_llm_dir)
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing; adapters load from safetensors"):
         load_adapter(fresh, folder)
+
+
+def test_scoring_under_bf16_autocast_ranks_like_float32(llm, mixed_users):
+    model, tokenizer, answer_id = llm
+    prefixes, suffixes, reference = mixed_users
+    exact = score_prompts(model, tokenizer, prefixes, suffixes, answer_id=answer_id)
+    mixed = score_prompts(model, tokenizer, prefixes, suffixes, answer_id=answer_id, autocast=torch.bfloat16)
+    assert mixed.dtype == np.float32 and not np.array_equal(mixed, exact)  # the body did run in bf16
+    np.testing.assert_allclose(exact, reference, atol=1e-4)
+    np.testing.assert_allclose(mixed, reference, atol=0.05)
+    assert np.corrcoef(np.argsort(np.argsort(mixed)), np.argsort(np.argsort(exact)))[0, 1] > 0.9
+    assert next(model.parameters()).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")

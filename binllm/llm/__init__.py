@@ -1,6 +1,6 @@
 """The LLM layer: loading, prompt tokens, LoRA, the differentiable answer logit, and bulk scoring."""
 from binllm.llm.forward import collate_prompts, yes_logits
-from binllm.llm.loading import load_causal_lm, load_tokenizer
+from binllm.llm.loading import autocast_dtype, load_causal_lm, load_tokenizer
 from binllm.llm.lora import apply_lora, load_adapter, save_adapter
 from binllm.llm.scoring import score_encoded, score_prompts
 from binllm.llm.tiny import build_tiny_llm
@@ -21,6 +21,7 @@ __all__ = [
     "answer_token_id",
     "answer_tokens",
     "as_answer_tokens",
+    "autocast_dtype",
     "apply_lora",
     "build_tiny_llm",
     "collate_prompts",

@@ -68,10 +68,11 @@ def yes_logits(
                                 position_ids=positions_from_mask(attention_mask), use_cache=False)
 
 
-def last_position_scores(model: nn.Module, answer_id: int | AnswerTokens, input_ids: torch.Tensor,
+def last_position_scores(model: nn.Module, answer_id: int | AnswerTokens, input_ids: torch.Tensor | None = None,
                          **forward_kwargs) -> torch.Tensor:
     """`model(input_ids, **forward_kwargs, logits_to_keep=1)` and the AnswerHead score of each row's last
-    position: float32 [B], differentiable (see yes_logits). Each row's last column must be its last token."""
+    position: float32 [B], differentiable (see yes_logits). Each row's last column must be its last token.
+    input_ids may be None when forward_kwargs give inputs_embeds (the frozen trunk's hidden states)."""
     causal_lm = unwrap_causal_lm(model)
     head_module = causal_lm.get_output_embeddings()
     answer = as_answer_tokens(answer_id)
@@ -91,7 +92,8 @@ def last_position_scores(model: nn.Module, answer_id: int | AnswerTokens, input_
     handles = [head_module.register_forward_pre_hook(take_hidden, prepend=True),
                head_module.register_forward_pre_hook(take_head)]
     try:
-        with training_attention_kernels(input_ids.device):
+        device = (input_ids if input_ids is not None else forward_kwargs["inputs_embeds"]).device
+        with training_attention_kernels(device):
             model(input_ids=input_ids, **forward_kwargs, logits_to_keep=1)
     finally:
         for handle in handles:

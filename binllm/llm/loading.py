@@ -23,6 +23,13 @@ def resolve_dtype(dtype: DType, device: str | torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def autocast_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of an autocast config value ("" is off, "bfloat16")."""
+    if name not in ("", "bfloat16"):
+        raise ValueError(f"autocast must be '' (off) or 'bfloat16', got {name!r}")
+    return torch.bfloat16 if name else None
+
+
 def _check_model_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(f"LLM folder {folder} does not exist or is not a directory")

@@ -41,13 +41,16 @@ def score_full_prompts(
 
 
 @contextlib.contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no LoRA dropout) and no autograd. No autocast: the model's dtype is the compute dtype
-    (load it in bf16 for speed, float32 for a reference)."""
+def _inference(model: nn.Module, autocast: torch.dtype | None = None) -> Iterator[None]:
+    """Eval mode (no LoRA dropout) and no autograd. Without `autocast` the model's dtype is the compute dtype
+    (load it in bf16 for speed, float32 for a reference); with it, float32 weights and residual stream and
+    matmuls in `autocast` (as bf16-autocast tuning computes; the answer head stays float32)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device.type
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device, dtype=autocast or torch.bfloat16,
+                                                    enabled=autocast is not None):
             yield
     finally:
         model.train(was_training)
@@ -62,6 +65,7 @@ def score_encoded(
     shared_prefix: bool = True,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     max_row_tokens: int = DEFAULT_MAX_ROW_TOKENS,
+    autocast: torch.dtype | None = None,
 ) -> np.ndarray:
     """Answer logits float32 [N] for already-encoded prompts (see `score_prompts`)."""
     if max_batch_tokens < 1 or max_row_tokens < 1:
@@ -71,7 +75,7 @@ def score_encoded(
     causal_lm = unwrap_causal_lm(model)
     decoder = causal_lm.get_decoder()
     head = AnswerHead.of_model(causal_lm, answer_id)
-    with _inference(model):
+    with _inference(model, autocast):
         if shared_prefix:
             return score_shared_prefix(
                 decoder, head, encoded, pad_id=pad_id, max_batch_tokens=max_batch_tokens, max_row_tokens=max_row_tokens
@@ -89,12 +93,14 @@ def score_prompts(
     shared_prefix: bool = True,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     max_row_tokens: int = DEFAULT_MAX_ROW_TOKENS,
+    autocast: torch.dtype | None = None,
 ) -> np.ndarray:
     """The answer-token logit of each prompt prefix[i] + suffix[i]: float32 [N], in input order.
 
     shared_prefix=True (default) runs each distinct prefix once and packs that user's candidates into rows
     of at most `max_row_tokens` suffix tokens that reuse it; False runs one full sequence per pair.
-    `max_batch_tokens` caps the tokens of one forward pass (rows x longest row).
+    `max_batch_tokens` caps the tokens of one forward pass (rows x longest row). `autocast` (torch.bfloat16):
+    matmuls in bf16 over float32 weights (see `_inference`).
     """
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; load it with binllm.llm.load_causal_lm or set one")
@@ -107,4 +113,5 @@ def score_prompts(
         shared_prefix=shared_prefix,
         max_batch_tokens=max_batch_tokens,
         max_row_tokens=max_row_tokens,
+        autocast=autocast,
     )

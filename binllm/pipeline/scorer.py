@@ -13,7 +13,7 @@ import torch
 
 from binllm import sources, storage
 from binllm.config import Config
-from binllm.llm import AnswerTokens, answer_tokens, load_adapter, score_prompts
+from binllm.llm import AnswerTokens, answer_tokens, autocast_dtype, load_adapter, score_prompts
 from binllm.metrics import sigmoid
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ class Scorer:
         logits = (
             score_prompts(self.model, self.tokenizer, prefixes, suffixes, answer_id=self.answer,
                           shared_prefix=self.spec.cfg.score.shared_prefix,
-                          max_batch_tokens=self.spec.cfg.score.max_batch_tokens)
+                          max_batch_tokens=self.spec.cfg.score.max_batch_tokens,
+                          autocast=autocast_dtype(self.spec.cfg.score.autocast))
             if n else np.zeros(0, np.float32)
         )
         return pa.Table.from_arrays([
