@@ -37,6 +37,7 @@ def demo_run(tmp_path_factory, tiny_llm_dir):
         "demo.max_train_rows=64", "demo.max_valid_rows=32", "demo.max_test_rows=50", "demo.score_users=3",
         "score.top_k=4",
         "tune.stage1.micro_batch_size=16", "tune.stage2.micro_batch_size=16",
+        "demo.blend_valid_rows=40", "tune.lora.top_layers=1", "tune.cache_trunk=true", "score.autocast=bfloat16",
     ])
     table = demo.main(cfg)
     return cfg, table
@@ -48,15 +49,16 @@ def test_demo_writes_scores_and_metrics(demo_run):
     scores = pq.read_table(f"{run_dir}/eval/test_scores.parquet")
     assert scores.schema.names == ["user_id", "item_id", "timestamp", "label", "warm", "method", "logit", "score"]
     assert scores.schema.field("logit").type == pa.float32()
-    assert scores.num_rows == 3 * 50
-    assert sorted(set(scores.column("method").to_pylist())) == ["BinLLM", "BinMF", "MF"]
+    assert scores.num_rows == 4 * 50
+    assert sorted(set(scores.column("method").to_pylist())) == ["BinLLM", "BinMF", "Blend", "MF"]
     probs = scores.column("score").to_numpy()
     assert ((probs >= 0) & (probs <= 1)).all()
     metrics = pq.read_table(f"{run_dir}/eval/metrics.parquet").to_pylist()
-    assert [m["method"] for m in metrics] == ["MF", "BinMF", "BinLLM"]
+    assert [m["method"] for m in metrics] == ["MF", "BinMF", "BinLLM", "Blend"]
     assert all(m["all_rows"] == 50 for m in metrics)
     for name in ("codes/users.parquet", "codes/items.parquet", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "examples/examples.parquet", "eval/metrics.md", "eval/valid_auc.png"):
+                 "adapter/adapter_model.safetensors", "examples/examples.parquet", "eval/metrics.md", "eval/valid_auc.png",
+                 "eval/blend.json", "eval/pairs.parquet"):
         assert (pa.fs.LocalFileSystem().get_file_info(f"{run_dir}/{name}").type == pa.fs.FileType.File), name
 
 
@@ -74,7 +76,8 @@ def test_the_demo_table_is_the_metrics_of_its_test_scores(demo_run):
 
     cfg, table = demo_run
     assert table.column_names == ["method", "all_auc", "all_uauc", "warm_auc", "warm_uauc", "cold_auc", "cold_uauc",
-                                  "all_rows", "warm_rows", "cold_rows"]
+                                  "all_rows", "warm_rows", "cold_rows", "all_uauc_users", "warm_uauc_users",
+                                  "cold_uauc_users", "all_log_loss", "all_ece"]
     recomputed = evaluate.metrics_table(pq.read_table(f"{cfg.run_dir()}/eval/test_scores.parquet"))
     assert recomputed.column("all_auc").to_pylist() == table.column("all_auc").to_pylist()
     assert pq.read_table(f"{cfg.run_dir()}/eval/metrics.parquet").column("all_uauc").to_pylist() == \

@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
-    ("binllm.config", "binllm.cache", "binllm.codes", "binllm.metrics", "binllm.ray_env"),
+    ("binllm.config", "binllm.cache", "binllm.codes", "binllm.metrics", "binllm.blend", "binllm.ray_env"),
     ("binllm.storage", "binllm.assets", "binllm.plots", "binllm.data"),
     ("binllm.prompts", "binllm.candidates", "binllm.llm", "binllm.train"),
     ("binllm.encoder", "binllm.tune"),

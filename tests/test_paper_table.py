@@ -67,6 +67,12 @@ def test_report_files(paper_cfg, paper_run):
     assert scores.num_rows == 9 * 60
     md = open(f"{folder}/metrics.md").read()
     assert "BinLLM (dotted)" in md and "LLM score: logit(' Yes') - logit(' No')" in md
+    # AUC differences of the paper's pairs, per code format: 6 pairs with a coded method on each side x 2 + 3
+    pairs = payload["pairs"]
+    assert len(pairs) == 15 and (pairs[0]["a"], pairs[0]["b"]) == ("BinLLM (binary)", "BinMF")
+    assert ("BinLLM (dotted)", "IO (dotted)") in {(p["a"], p["b"]) for p in pairs}
+    assert all(p["rows"] == 60 and p["low"] <= p["high"] and 0 <= p["p_le_0"] <= 1 for p in pairs)
+    assert "BinLLM (binary) - BinMF" in md and "BinLLM (binary) - BinMF" in paper_run.text
 
 
 def test_rerun_reuses_finished_methods(paper_cfg, paper_run, tmp_path):

@@ -103,8 +103,15 @@ def run(cfg: Config, inputs):
     test = split_rows(examples, "test", cfg.demo.max_test_rows, cfg.run.seed)
     scores, fallbacks = evaluate.score_test_rows(cfg, test, items, user_codes, item_codes, mf=mf, binmf=binmf,
                                                  llm=tuned.model, tokenizer=tokenizer)
-    storage.write_table(scores, evaluate.test_scores_uri(cfg), cfg.storage)
     clock.step(f"test scoring ({test.num_rows} rows, {fallbacks} text-only fallbacks)")
+    if cfg.demo.blend_valid_rows:
+        valid = split_rows(examples, "valid", cfg.demo.blend_valid_rows, cfg.run.seed + 2)
+        valid_scores, _ = evaluate.score_test_rows(cfg, valid, items, user_codes, item_codes, mf=mf, binmf=binmf,
+                                                   llm=tuned.model, tokenizer=tokenizer)
+        scores, blend = evaluate.add_blend(valid_scores, scores)
+        storage.write_json(blend.to_dict(), storage.join_uri(evaluate.eval_uri(cfg), "blend.json"), cfg.storage)
+        clock.step(f"blend fitted on {valid.num_rows} validation rows (weights {blend.weights.round(3).tolist()})")
+    storage.write_table(scores, evaluate.test_scores_uri(cfg), cfg.storage)
     return clock, test, user_codes, scores
 
 

@@ -10,7 +10,8 @@ Methods (BinLLM paper, Table 2):
 Every method writes its test scores and training history under <run dir>/paper/methods/ when it
 finishes, and a rerun of the same run skips the methods already there: the encoders can run on a CPU
 and the LLM methods on a GPU, and an interrupted run loses one method at most. Report: <run dir>/paper/
-metrics.md, metrics.json, test_scores.parquet, auc_bars.png, valid_auc.png, score_dist.png.
+metrics.md, metrics.json, test_scores.parquet, auc_bars.png, valid_auc.png, score_dist.png; the report has AUC
+differences of the pairs the paper orders with paired-bootstrap 95% intervals (`pairs` in metrics.json).
 
     binllm paper_table --config cluster/presets/paper_ml1m.yaml --config cluster/presets/paper_ml1m_cpu.yaml
     binllm paper_table --config cluster/presets/paper_ml1m.yaml --config cluster/presets/paper_ml1m_gpu.yaml
@@ -33,7 +34,8 @@ from safetensors.torch import save as save_safetensors
 from binllm import sources, storage
 from binllm.config import PAPER_METHODS, Config
 from binllm.data import split_rows
-from binllm.metrics import evaluate_scores, format_report, report_table
+from binllm.metrics import (N_BOOT, PAPER_PAIRS, evaluate_scores, format_pairs, format_report, match_pairs,
+                            pairwise_report, report_table)
 from binllm.prompts import build_prompts
 from binllm.recipes.pretrain_encoder import publish_encoder
 
@@ -189,7 +191,7 @@ class PaperRun:
                                    tune=dataclasses.replace(cfg.tune, mode="intuitive"))
 
     def _llm_method(self, spec: MethodSpec, started: float) -> MethodResult:
-        from binllm.llm import score_prompts
+        from binllm.llm import autocast_dtype, score_prompts
         from binllm.tune import tune_lora
 
         cfg = self.method_config(spec)
@@ -205,7 +207,8 @@ class PaperRun:
             self._save_to_adapter(tuned.adapter_state)
         prompts = build_prompts(self.test, self.items, user_codes, item_codes, cfg.prompt, tokenizer=tokenizer)
         logits = score_prompts(tuned.model, tokenizer, prompts.prefix, prompts.suffix, answer_id=tuned.answer,
-                               shared_prefix=cfg.score.shared_prefix, max_batch_tokens=cfg.score.max_batch_tokens)
+                               shared_prefix=cfg.score.shared_prefix, max_batch_tokens=cfg.score.max_batch_tokens,
+                               autocast=autocast_dtype(cfg.score.autocast))
         stages = [dataclasses.asdict(s) for s in tuned.stages]
         if spec.method == "TO":
             stages = [{**s, "name": "stage1"} for s in stages]  # TO is BinLLM's stage 1
@@ -243,6 +246,7 @@ class PaperTable:
     seconds: float
     skipped: list[str] = field(default_factory=list)  # methods left for a later run by paper.time_budget_s
     device: str = "cpu"
+    pairs: pa.Table | None = None  # pairwise_report of PAPER_PAIRS among the methods run
 
 
 def run_paper_table(cfg: Config, device: str | None = None) -> PaperTable:
@@ -281,8 +285,11 @@ def run(cfg: Config, paper: PaperRun) -> PaperTable:
                     cfg.paper.time_budget_s, skipped)
     results = [done[s] for s in specs if s in done]
     metrics = report_table({r.spec.name: scored[r.spec] for r in results})
-    return PaperTable(metrics, results, paper.test, format_report(metrics), time.perf_counter() - started, skipped,
-                      device)
+    logits = {r.spec.name: r.logits for r in results}
+    pairs = pairwise_report(logits, paper.test.column("label").to_numpy(zero_copy_only=False),
+                            match_pairs(PAPER_PAIRS, list(logits)), N_BOOT, cfg.run.seed)
+    text = "\n\n".join(t for t in (format_report(metrics), format_pairs(pairs)) if t)
+    return PaperTable(metrics, results, paper.test, text, time.perf_counter() - started, skipped, device, pairs)
 
 
 def publish(cfg: Config, table: PaperTable) -> PaperTable:
@@ -330,6 +337,7 @@ def write_report(cfg: Config, table: PaperTable) -> None:
     machine = torch.cuda.get_device_name() if table.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     payload = {"run": cfg.run.name, "device": machine, "wall_seconds": table.seconds, "notes": notes,
                "methods": {r["method"]: r for r in rows},
+               "pairs": table.pairs.to_pylist() if table.pairs is not None else [],
                "seconds": {r.spec.name: r.seconds for r in table.results},
                "stages": {r.spec.name: r.stages for r in table.results},
                "method_notes": {r.spec.name: r.notes for r in table.results}}
