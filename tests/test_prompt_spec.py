@@ -110,10 +110,11 @@ def test_scoring_refuses_another_base_model_and_other_code_tables(published, tin
 @pytest.mark.reliability(kind="bad input", what="evaluating an adapter with other prompt settings",
                          outcome="exit code 2, one-line error naming the field")
 def test_the_evaluate_job_refuses_a_mismatch_with_exit_code_2(published, tiny_llm_dir, capsys):
-    root, _ = published
+    root, cfg = published
     settings = {"run.output_root": root, "run.name": "nightly", "llm.model": str(tiny_llm_dir),
                 "data.examples": f"{root}/examples", "encoder.codes": f"{root}/codes",
-                "tune.adapter": f"{root}/adapter", "data.history_len": 8}
+                "tune.adapter": f"{root}/adapter", "data.history_len": 8,
+                "prompt.code_format": cfg.prompt.code_format}  # ray_config.yaml's own differs from the fixture's
     with pytest.raises(SystemExit) as exit_:
         cli.run_recipe(evaluate, [arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")])
     assert exit_.value.code == 2

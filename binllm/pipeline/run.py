@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
@@ -107,17 +108,32 @@ def run_scoring(cfg: Config) -> ScoringSummary:
     that makes no progress for score.stall_timeout_s fails with PipelineStalled naming the stage
     (binllm.pipeline.watchdog)."""
     start = time.perf_counter()
+    checked = _check(cfg)  # on the driver, before any Ray work: bad inputs are refused without a cluster
     requested = ensure_resources(cfg, joined=bool(os.environ.get("RAY_ADDRESS")))
     restore = install_watchdog(cfg.score.stall_timeout_s)
     try:
-        return _score(cfg, start)
+        return _score(checked, start)
     finally:
         restore()
         if requested:
             release_resources()
 
 
-def _score(cfg: Config, start: float) -> ScoringSummary:
+@dataclasses.dataclass
+class _Checked:
+    """A scoring run's inputs, checked on the driver."""
+    cfg: Config  # with the resolved storage credentials for workers on other nodes
+    config_record: dict
+    inputs: ScoringInputs
+    run_id: str
+    log_schema: pa.Schema
+    adapter: str
+    checksums: dict[str, str]
+    tokenizer: object
+    model_version: str
+
+
+def _check(cfg: Config) -> _Checked:
     config_record = cfg.to_dict()  # holds no credentials: configs cannot carry them
     # Workers on other nodes may lack this process's AWS variables: hand them the resolved settings.
     cfg = dataclasses.replace(cfg, storage=storage.with_credentials(cfg.storage))
@@ -136,7 +152,12 @@ def _score(cfg: Config, start: float) -> ScoringSummary:
     prompt_spec.check_adapter(adapter, cfg, base_model_sha256=checksums["model"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.llm.trust_remote_code)
     model_version = cfg.score.model_version or f"adapter-{checksums['adapter'][:12]}"
+    return _Checked(cfg, config_record, inputs, run_id, log_schema, adapter, checksums, tokenizer, model_version)
 
+
+def _score(checked: _Checked, start: float) -> ScoringSummary:
+    cfg, inputs, run_id, adapter = checked.cfg, checked.inputs, checked.run_id, checked.adapter
+    log_schema, tokenizer, model_version = checked.log_schema, checked.tokenizer, checked.model_version
     log_columns = ["user_id", "item_id", "timestamp", "label" if "label" in log_schema.names else "rating"]
     log = _read(inputs.interactions, "interaction log", log_columns, cfg).map_batches(
         normalise_log, batch_format="pyarrow",
@@ -185,9 +206,9 @@ def _score(cfg: Config, start: float) -> ScoringSummary:
         "mode": mode,
         "inputs": {k: v for k, v in dataclasses.asdict(inputs).items() if k not in ("output", "dt")}
         | {"model": cfg.llm.model, "adapter": adapter},
-        "checksums": checksums,
+        "checksums": checked.checksums,
         "model_version": model_version,
-        "config": config_record,
+        "config": checked.config_record,
         "code_version": code_version(),
         "summary": {"rows_in": rows_in, "rows_out": rows_out, "fallbacks": fallbacks, "seconds": round(seconds, 3)},
     }, cfg.storage)
