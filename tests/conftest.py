@@ -1,4 +1,5 @@
 
+import logging
 import os
 import shutil
 import signal
@@ -118,3 +119,13 @@ def ray_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def restore_logging():
+    """cli.main configures the root logger for a job; put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

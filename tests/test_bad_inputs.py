@@ -6,7 +6,6 @@ before any Ray Data work or model load (a local Ray is started once, as the job'
 """
 import hashlib
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +18,8 @@ import pytest
 from binllm import cli, codes
 from pipeline_helpers import DT, write_inputs
 from ray_cluster import local_ray
+
+pytestmark = pytest.mark.usefixtures("restore_logging")  # cli.main configures the root logger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -358,16 +359,6 @@ def ray_local():
     """The score job's setup joins this Ray (init_ray reuses a running one); stopped after the module."""
     with local_ray():
         yield
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """cli.main configures the root logger for a job; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def tree(*folders: Path) -> dict[str, str]:

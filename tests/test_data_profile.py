@@ -1,7 +1,6 @@
 """The data profile and the checks at prepare (binllm.data.profile), the inferred rating scale, and sampled
 negatives for implicit logs (data.negatives), on real tables and through the prepare job."""
 import json
-import logging
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +14,8 @@ from binllm.data.prepare import sample_negatives
 from binllm.data.profile import build_profile, check_trainable, format_profile
 from binllm.data.schema import normalise_interactions, normalise_items
 
+
+pytestmark = pytest.mark.usefixtures("restore_logging")  # cli.main configures the root logger
 
 def interactions(users, items, ratings=None, times=None, labels=None):
     t = pa.table({"u": users, "i": items, "t": times if times is not None else list(range(len(users)))})
@@ -41,16 +42,6 @@ def prepared(log, cfg, items=None):
     items = items if items is not None else catalog(sorted(set(log.column("item_id").to_pylist())))
     profile = build_profile(examples, items, report, cfg)
     return examples, profile
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """cli.main configures the root logger for a job; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_profile_figures_of_a_small_log():
