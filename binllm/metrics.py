@@ -99,7 +99,7 @@ def calibration_error(labels, logits, bins: int = 10) -> float:
         raise ValueError(f"calibration_error: bins must be >= 1, got {bins}")
     if len(labels) == 0 or np.isnan(logits).any():
         return math.nan
-    probs = 1.0 / (1.0 + np.exp(-logits))
+    probs = sigmoid(logits).astype(np.float64)
     order = np.argsort(probs, kind="stable")
     return float(sum(len(run) * abs(labels[run].mean() - probs[run].mean())
                      for run in np.array_split(order, min(bins, len(order)))) / len(order))
