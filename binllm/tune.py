@@ -346,17 +346,18 @@ class _StageTask:
                                         micro_batch_tokens=self.settings.micro_batch_tokens):
             yield rows
 
-    def _trunk_scores(self, model: torch.nn.Module, trunk: TrunkCache, rows: np.ndarray) -> torch.Tensor:
-        with self._autocast():
-            return trunk.scores(model, rows, self.answer)
+    def _row_scores(self, model: torch.nn.Module, prompts: PromptSet, trunk: TrunkCache | None,
+                    rows: np.ndarray) -> torch.Tensor:
+        """Scores of `rows` of `prompts`, each prompt whole: the top layers over the cached trunk, or the full
+        forward when there is no trunk cache."""
+        if trunk is not None:
+            with self._autocast():
+                return trunk.scores(model, rows, self.answer)
+        input_ids, mask, _ = self._tensors(prompts, rows)
+        return self._scores(model, input_ids, mask)
 
     def loss(self, model: torch.nn.Module, rows: np.ndarray, epoch: int) -> torch.Tensor:
         labels = torch.from_numpy(self.train.labels[rows]).to(self.backend.device)
-        if self.trunks is not None:
-            lengths = self.train_lengths[rows]
-            self.train_tokens += int(lengths.sum())
-            self.padded_tokens += int(lengths.max()) * len(rows)
-            return F.binary_cross_entropy_with_logits(self._trunk_scores(model, self.trunks[0], rows), labels)
         if self.shared_prefix:
             encoded = self.train.encoded(rows)
             prefix_lengths = [len(ids) for ids in encoded.prefix_ids]
@@ -364,11 +365,11 @@ class _StageTask:
             self.train_tokens += sum(prefix_lengths) + sum(suffix_lengths)
             self.padded_tokens += max(prefix_lengths) * len(prefix_lengths) + max(suffix_lengths) * len(rows)
             return F.binary_cross_entropy_with_logits(self._shared_scores(model, encoded), labels)
-        input_ids, mask, _ = self._tensors(self.train, rows)
         lengths = self.train_lengths[rows]
         self.train_tokens += int(lengths.sum())  # from the host-side lengths: no device sync per micro-batch
         self.padded_tokens += int(lengths.max()) * len(rows)
-        return F.binary_cross_entropy_with_logits(self._scores(model, input_ids, mask), labels)
+        trunk = self.trunks[0] if self.trunks is not None else None
+        return F.binary_cross_entropy_with_logits(self._row_scores(model, self.train, trunk, rows), labels)
 
     def _eval_batches(self, sorted_lengths: np.ndarray) -> list[np.ndarray]:
         """Positions in length-sorted rows, per forward: 2 x micro_batch_size rows, or rows x longest
@@ -395,13 +396,10 @@ class _StageTask:
         if self.shared_prefix:
             for batch in self._shared_eval_batches(mine):
                 scores[batch] = self._shared_scores(model, self.valid.encoded(mine[batch])).cpu().numpy()
-        elif self.trunks is not None:
-            for batch in self._eval_batches(self.valid.lengths[mine]):
-                scores[batch] = self._trunk_scores(model, self.trunks[1], mine[batch]).cpu().numpy()
         else:
+            trunk = self.trunks[1] if self.trunks is not None else None
             for batch in self._eval_batches(self.valid.lengths[mine]):
-                input_ids, mask, _ = self._tensors(self.valid, mine[batch])
-                scores[batch] = self._scores(model, input_ids, mask).cpu().numpy()
+                scores[batch] = self._row_scores(model, self.valid, trunk, mine[batch]).cpu().numpy()
         gathered = self.backend.gather({"index": mine, "score": scores})
         index, first = np.unique(gathered["index"], return_index=True)
         scores, labels = gathered["score"][first], self.valid.labels[index]
