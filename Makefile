@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo   installs binllm into .venv, then runs the embedded demo job (jobs/demo.py) with the
 #               demo preset (cluster/presets/demo_cpu.yaml: the paper's ML-1M protocol, CPU-sized)
-#   make test   installs binllm with its test extras into .venv, then runs the whole test suite
+#   make test   installs binllm with its test extras into .venv, then runs the whole test suite (what CI runs)
+#   make test-fast    the unit tier only: no Ray, no S3 server, no LLM (tests/conftest.py sets the tiers)
 #   make reliability  runs the tests marked reliability(...) and writes docs/RELIABILITY.md from them
 # torch is installed first, pinned by constraints.txt, so that nothing pulls a CUDA build onto a CPU
 # machine. Where pip would find only the CUDA wheel, pass the CPU index, e.g.
@@ -13,7 +14,7 @@ PY := $(VENV)/bin/python
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.binllm-installed
 
-.PHONY: demo test reliability install clean
+.PHONY: demo test test-fast reliability install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration and not model" $(PYTEST_ARGS)
 
 reliability: $(STAMP)
 	BINLLM_RELIABILITY_REPORT=docs/RELIABILITY.md $(PY) -m pytest -q -m reliability $(PYTEST_ARGS)

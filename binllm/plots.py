@@ -1,7 +1,9 @@
 """PNG plots of an evaluation: AUC bars per method (all / warm / cold), validation AUC per training step,
-score distributions by label. matplotlib's Agg backend: no display needed."""
+score distributions by label, a nightly run's scores over the previous date's. matplotlib's Agg backend: no
+display needed."""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -87,3 +89,25 @@ def plot_score_distributions(methods: list[str], logits: list[np.ndarray], label
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def score_drift_png(current: np.ndarray, previous: np.ndarray | None, title: str, labels: tuple[str, str]) -> bytes:
+    """PNG bytes: a histogram of today's scores (p(click), 40 bins over [0, 1], density) drawn over the previous
+    date's; `labels` names the two (today's first). Without a previous date only today's is drawn."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    bins = np.linspace(0.0, 1.0, 41)
+    if previous is not None and len(previous):
+        ax.hist(np.asarray(previous, dtype=np.float64), bins=bins, density=True, alpha=0.45, color="tab:grey",
+                label=labels[1])
+    ax.hist(np.asarray(current, dtype=np.float64), bins=bins, density=True, alpha=0.55, color="tab:blue",
+            label=labels[0])
+    ax.set_xlabel("score (p(click))")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from binllm import sources, storage
-from binllm.config import Config, ConfigError
+from binllm.config import ConfigError, LLMConfig, PromptConfig, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,16 @@ FIELDS = {
 CHECKSUMS = ("base_model_sha256", "user_codes_sha256", "item_codes_sha256")
 
 
-def model_sha256(cfg: Config) -> str:
+def model_sha256(llm: LLMConfig, layout: RunLayout) -> str:
     """storage.dir_checksum of the base model (the node-local copy of an s3:// model: the same digest)."""
-    return storage.dir_checksum(str(sources.model_folder(cfg.llm.model, cfg)), cfg.storage)
+    return storage.dir_checksum(str(sources.model_folder(llm.model, layout.storage)), layout.storage)
 
 
-def spec_for(cfg: Config, base_model_sha256: str | None = None) -> dict[str, Any]:
-    """The spec of `cfg`'s prompts, with the checksums of its base model (unless given) and of its code tables
-    (empty for text-only prompts, which use no codes)."""
-    prompt = cfg.prompt
-    codes = sources.codes_uri(cfg)
+def spec_for(prompt: PromptConfig, llm: LLMConfig, history_len: int, layout: RunLayout,
+             base_model_sha256: str | None = None) -> dict[str, Any]:
+    """The spec of these prompt settings, with the checksums of the base model (unless given) and of the run's
+    code tables (empty for text-only prompts, which use no codes)."""
+    codes = layout.codes
     uses_codes = prompt.kind != "text"
     return {
         "format": SPEC_FORMAT,
@@ -59,14 +59,14 @@ def spec_for(cfg: Config, base_model_sha256: str | None = None) -> dict[str, Any
         "empty_history": prompt.empty_history,
         "max_title_tokens": prompt.max_title_tokens,
         "max_tokens": prompt.max_tokens,
-        "answer": cfg.llm.answer,
-        "negative_answer": cfg.llm.negative_answer,
-        "history_len": cfg.data.history_len,
-        "base_model_sha256": base_model_sha256 or model_sha256(cfg),
+        "answer": llm.answer,
+        "negative_answer": llm.negative_answer,
+        "history_len": history_len,
+        "base_model_sha256": base_model_sha256 or model_sha256(llm, layout),
         "user_codes_sha256": storage.file_checksum(storage.join_uri(codes, "users.parquet"), "user code table",
-                                                   cfg.storage) if uses_codes else "",
+                                                   layout.storage) if uses_codes else "",
         "item_codes_sha256": storage.file_checksum(storage.join_uri(codes, "items.parquet"), "item code table",
-                                                   cfg.storage) if uses_codes else "",
+                                                   layout.storage) if uses_codes else "",
     }
 
 
@@ -82,19 +82,20 @@ def differences(recorded: dict[str, Any], expected: dict[str, Any]) -> list[str]
             for field, key in FIELDS.items() if recorded.get(field) != expected[field]]
 
 
-def check_adapter(adapter: str, cfg: Config, base_model_sha256: str | None = None) -> None:
-    """Refuses (ConfigError) the adapter folder `adapter` when its recorded spec differs from `cfg`'s."""
+def check_adapter(adapter: str, prompt: PromptConfig, llm: LLMConfig, history_len: int, layout: RunLayout,
+                  base_model_sha256: str | None = None) -> None:
+    """Refuses (ConfigError) the adapter folder `adapter` when its recorded spec differs from these settings'."""
     uri = storage.join_uri(adapter, SPEC_FILE)
-    if not storage.exists(uri, cfg.storage):
+    if not storage.exists(uri, layout.storage):
         log.warning("adapter %s has no %s (published before binllm recorded prompt specs): its prompt settings, "
                     "base model and code tables cannot be checked against this job's config; tune it again to "
                     "have them checked", adapter, SPEC_FILE)
         return
-    recorded = storage.read_json(uri, cfg.storage)
+    recorded = storage.read_json(uri, layout.storage)
     if not isinstance(recorded, dict) or recorded.get("format") != SPEC_FORMAT:
         found = recorded.get("format") if isinstance(recorded, dict) else type(recorded).__name__
         raise ConfigError(f"{uri}: expected a prompt spec of format {SPEC_FORMAT!r}, found {found!r}")
-    diffs = differences(recorded, spec_for(cfg, base_model_sha256))
+    diffs = differences(recorded, spec_for(prompt, llm, history_len, layout, base_model_sha256))
     if diffs:
         raise ConfigError(f"adapter {adapter} was tuned with other prompt settings than this job's config "
                           f"({SPEC_FILE}): {'; '.join(diffs)}; run with the adapter's settings or tune a new adapter")

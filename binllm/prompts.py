@@ -241,20 +241,11 @@ def build_prompts(
         both, cut = cut_titles(pa.concat_arrays([flat_titles, target]), tokenizer, cfg.max_title_tokens)
         flat_titles, target, titles_cut = both.slice(0, len(flat_titles)), both.slice(len(flat_titles)), int(cut.sum())
 
-    fallback = np.zeros(n, dtype=bool)
-    user_code = item_code = None
-    if kind != "text":
-        if user_codes is None or item_codes is None:
-            raise DataError(f"prompt kind {kind!r} needs user and item code tables")
-        column = cfg.code_format
-        _require(user_codes, ("id", column), "user code table")
-        _require(item_codes, ("id", column), "item code table")
-        user_code = _lookup(rows.column("user_id").combine_chunks().cast(pa.string()),
-                            user_codes.column("id").combine_chunks(), user_codes.column(column).combine_chunks())
-        item_code = _lookup(item_ids, item_codes.column("id").combine_chunks(), item_codes.column(column).combine_chunks())
-        fallback = (pc.is_null(user_code).to_numpy(zero_copy_only=False)
-                    | pc.is_null(item_code).to_numpy(zero_copy_only=False))
-        user_code, item_code = user_code.fill_null(""), item_code.fill_null("")
+    if kind == "text":
+        user_code = item_code = None
+        fallback = np.zeros(n, dtype=bool)
+    else:
+        user_code, item_code, fallback = _codes(rows, item_ids, user_codes, item_codes, cfg.code_format, kind)
 
     parts = _Parts(kind, cfg, _quoted(flat_titles), lengths, _quoted(target), user_code, item_code, fallback)
     if cfg.max_tokens > 0 and n:
@@ -270,3 +261,19 @@ def build_prompts(
                  "%d prompts to fit prompt.max_tokens=%d", batch.titles_cut, cfg.max_title_tokens,
                  batch.history_dropped, batch.prompts_shortened, n, cfg.max_tokens)
     return batch
+
+
+def _codes(rows: pa.Table, item_ids: pa.Array, user_codes: pa.Table | None, item_codes: pa.Table | None, column: str,
+           kind: str) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """(user code, item code) texts of `rows` in the code format `column` ("" where an id has no code), and
+    which rows lack either code (they get the text-only prompt)."""
+    if user_codes is None or item_codes is None:
+        raise DataError(f"prompt kind {kind!r} needs user and item code tables")
+    _require(user_codes, ("id", column), "user code table")
+    _require(item_codes, ("id", column), "item code table")
+    user_code = _lookup(rows.column("user_id").combine_chunks().cast(pa.string()),
+                        user_codes.column("id").combine_chunks(), user_codes.column(column).combine_chunks())
+    item_code = _lookup(item_ids, item_codes.column("id").combine_chunks(), item_codes.column(column).combine_chunks())
+    fallback = (pc.is_null(user_code).to_numpy(zero_copy_only=False)
+                | pc.is_null(item_code).to_numpy(zero_copy_only=False))
+    return user_code.fill_null(""), item_code.fill_null(""), fallback

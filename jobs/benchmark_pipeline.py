@@ -9,10 +9,10 @@ with the tiny test tokenizer stands in for the LLM; a LoRA adapter with random w
 """
 from __future__ import annotations
 
+from binllm.benchmarks import pipeline
+
 
 def main(argv: list[str] | None = None) -> None:
-    from jobs.bench import pipeline
-
     pipeline.main(argv, description=__doc__)
 
 

@@ -1,19 +1,11 @@
-"""Benchmark: full-prompt vs shared-prefix scoring at real model shapes with random weights.
+"""Full-prompt vs shared-prefix scoring at real model shapes with random weights; one JSON line per case.
 
     python -m jobs.benchmark_scoring [--device cpu|cuda] [--cases NAME,NAME,...] [--list]
+    python -m jobs.benchmark_scoring --device cpu --threads 1     # the CPU presets
 
-Prints one JSON line per case. Token ids are synthetic, of the lengths a BinLLM prompt has with the
-digit-per-token tokenizers (LLaMA, SmolLM2): binary codes cost 33 tokens, dotted codes 15, so a
-dotted prompt is 18 tokens shorter in the prefix (user code) and 18 in the suffix (item code).
+The benchmark is binllm/benchmarks/scoring.py; results: docs/scoring_benchmark.md.
 """
-from __future__ import annotations
-
-
-def main(argv: list[str] | None = None) -> None:
-    from jobs.bench import scoring
-
-    scoring.main(argv, description=__doc__)
-
+from binllm.benchmarks.scoring import main
 
 if __name__ == "__main__":
     main()

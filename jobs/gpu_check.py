@@ -5,20 +5,11 @@ real shapes, and one-process LoRA tuning speed. One JSON line per figure; sectio
     python -m jobs.gpu_check --model <HF folder> --examples runs/paper-ml1m        # on one GPU
     python -m jobs.gpu_check --device cpu --model <tiny folder> --sections exactness  # the tool on CPU
 
-exactness: 256 users x 20 candidates (real histories, titles and codes from a prepared run, or synthetic
-prompts without --examples), scored by the full-prompt and the shared-prefix path in the model's compute
-dtype, against the full path in float32 with TF32 off (the reference). For each variant: max and mean
-absolute error, Pearson r, and the mean per-user Spearman rank correlation against the reference.
-The "bf16 head" variants reproduce the old scorer, which projected onto the answer row in bf16.
+The check is binllm/benchmarks/gpu_check.py; results: docs/gpu_check.md.
 """
-from __future__ import annotations
-
-
-def main(argv: list[str] | None = None) -> None:
-    from jobs.bench import gpu_check
-
-    gpu_check.main(argv, description=__doc__)
-
+from binllm.benchmarks.gpu_check import main
+from binllm.cli import setup_logging
 
 if __name__ == "__main__":
+    setup_logging()
     main()

@@ -3,29 +3,12 @@
     python -m jobs.gpu_check_tune                         # prints tokens/s and peak GPU memory
     python -m jobs.gpu_check_tune --set tune.stage2.micro_batch_size=64 --steps 30
 
-Random weights at the SmolLM2-135M shape and synthetic prompts (history of 10 titles): the throughput
-does not depend on the weights. Any extra arguments go to jobs.benchmark_training. Goal: >= 150k tokens/s.
+Extra arguments go to binllm.benchmarks.training after the check's defaults (binllm/benchmarks/gpu_check_tune.py).
+Goal: >= 150k tokens/s; results: docs/training_benchmark.md.
 """
-from __future__ import annotations
-
-import sys
-
-GPU_DEFAULTS = [
-    "--runner", "ray", "--shape", "smollm2-135m", "--steps", "20", "--encoder-rows", "0",
-    "--set", "distributed.num_workers=1", "--set", "distributed.use_gpu=true", "--set", "distributed.zero_stage=2",
-    "--set", "llm.dtype=bfloat16", "--set", "tune.stage2.micro_batch_size=32",
-]
-
-
-def main(argv: list[str] | None = None) -> None:
-    import torch
-
-    from jobs.bench import training
-
-    if not torch.cuda.is_available():
-        sys.exit("error: no CUDA device visible; this check needs one GPU (see docs/training_benchmark.md)")
-    training.main(GPU_DEFAULTS + list(sys.argv[1:] if argv is None else argv), description=__doc__)
-
+from binllm.benchmarks.gpu_check_tune import main
+from binllm.cli import setup_logging
 
 if __name__ == "__main__":
+    setup_logging()
     main()

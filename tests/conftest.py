@@ -18,8 +18,24 @@ from ray_cluster import free_port
 RAY = Path(sys.executable).with_name("ray")
 
 
+# The test tiers (README, "Tests"): a test that starts a real part is `integration` (Ray, the S3 server, a job
+# submitted to a Ray head) or `model` (builds and runs the tiny LLM); every other test is the unit tier,
+# which `make test-fast` runs. `make test` runs all of them.
+INTEGRATION_FIXTURES = {"ray_local", "ray_head", "s3_server", "s3_bucket"}
+MODEL_FIXTURES = {"tiny_llm_dir", "tiny_sentencepiece_llm_dir"}
+
+
 def pytest_configure(config):
     reliability_report.register(config)  # checks reliability markers; writes $BINLLM_RELIABILITY_REPORT
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        used = set(item.fixturenames)
+        if used & INTEGRATION_FIXTURES or item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+        elif used & MODEL_FIXTURES:
+            item.add_marker(pytest.mark.model)
 
 
 @pytest.fixture(scope="session", autouse=True)

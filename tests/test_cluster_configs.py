@@ -184,7 +184,9 @@ def test_nightly_cronjob_passes_the_date_to_score():
     assert valid_cron(cronjob["spec"]["schedule"]), cronjob["spec"]["schedule"]
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
     pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    script = " ".join(pod["containers"][0]["args"])
+    command = pod["containers"][0]["command"]
+    assert command == ["/opt/binllm/score-nightly.sh"]  # mounted from kustomize's ConfigMap of the script
+    script = (CLUSTER / "kuberay" / "score-nightly.sh").read_text()
     assert "kubectl create" in script and "@SCORE_DT@" in script
     templates = [obj for name, obj in kube_objects() if obj["kind"] == "RayJob" and ":" in name]
     assert [t["spec"]["entrypoint"].split("--set score.dt=")[1] for t in templates] == [SAMPLE_DT]

@@ -10,8 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from binllm import evaluation
 from binllm.config import load_config
-from binllm.recipes import demo
+from binllm.metrics import format_report
+from binllm.recipes import demo, evaluate
 from ray_cluster import local_ray
 from synthetic import make_planted_examples
 
@@ -71,14 +73,11 @@ def test_binmf_learns_the_planted_structure(demo_run):
 
 
 def test_the_demo_table_is_the_metrics_of_its_test_scores(demo_run):
-    from binllm.metrics import format_report
-    from binllm.recipes import evaluate
-
     cfg, table = demo_run
     assert table.column_names == ["method", "all_auc", "all_uauc", "warm_auc", "warm_uauc", "cold_auc", "cold_uauc",
                                   "all_rows", "warm_rows", "cold_rows", "all_uauc_users", "warm_uauc_users",
                                   "cold_uauc_users", "all_log_loss", "all_ece"]
-    recomputed = evaluate.metrics_table(pq.read_table(f"{cfg.run_dir()}/eval/test_scores.parquet"))
+    recomputed = evaluation.metrics_table(pq.read_table(f"{cfg.run_dir()}/eval/test_scores.parquet"))
     assert recomputed.column("all_auc").to_pylist() == table.column("all_auc").to_pylist()
     assert pq.read_table(f"{cfg.run_dir()}/eval/metrics.parquet").column("all_uauc").to_pylist() == \
         table.column("all_uauc").to_pylist()
@@ -89,18 +88,18 @@ def test_the_demo_table_is_the_metrics_of_its_test_scores(demo_run):
 
 
 def test_demo_ends_with_a_published_nightly_scoring_run(demo_run):
-    from binllm import storage
+    from binllm.pipeline.publish import published_dates, read_manifest, read_partition
 
     cfg, _ = demo_run
     root = f"{cfg.run_dir()}/scores"
-    (dt,) = storage.published_dates(root)
-    scores = storage.read_partition(root, dt)
+    (dt,) = published_dates(root)
+    scores = read_partition(root, dt)
     assert scores.num_rows == 3 * 4  # score_users x top_k candidates
     assert set(scores.column("user_id").to_pylist()) <= set(pq.read_table(
         f"{cfg.run_dir()}/demo_active_users.parquet").column("user_id").to_pylist())
     probs = scores.column("score").to_numpy()
     assert ((probs > 0) & (probs < 1)).all()
-    assert storage.read_manifest(root, dt)["rows"] == 12
+    assert read_manifest(root, dt)["rows"] == 12
 
 
 def test_evaluate_job_scores_the_test_split_from_the_run_artifacts(demo_run, tmp_path):
@@ -108,7 +107,6 @@ def test_evaluate_job_scores_the_test_split_from_the_run_artifacts(demo_run, tmp
 
     import numpy as np
 
-    from binllm.recipes import evaluate
 
     cfg, _ = demo_run
     demo_scores = pq.read_table(f"{cfg.run_dir()}/eval/test_scores.parquet")

@@ -26,8 +26,8 @@ from binllm.encoder import read_code_tables, train_encoder
 from binllm.recipes import pretrain_encoder, tune_lora
 from binllm.train.deepspeed_config import deepspeed_config, llm_precision
 from binllm.train.distributed import DEFAULT_STAGE, STATE_FILE
-from binllm.train.ray_jobs import build_trainer, failure_policy, user_error, with_absolute_paths
-from binllm.recipes.tune_lora import TUNE_SUMMARY_FILE
+from binllm.train.ray_jobs import UserErrorsNotRetried, build_trainer, user_error
+from binllm.run_steps import TUNE_SUMMARY_FILE
 from synthetic import make_planted_examples
 
 TINY_TUNE = [
@@ -49,9 +49,9 @@ def ray_local(tmp_path_factory):
 
 def write_run_inputs(cfg, llm_dir=None, n_rows=600):
     examples, items = make_planted_examples(40, 30, n_rows, seed=0, history_len=3)
-    sources.write_examples(cfg, examples, items)
+    sources.write_examples(cfg.layout(), examples, items)
     rng = np.random.default_rng(0)
-    codes = sources.codes_uri(cfg)
+    codes = cfg.layout().codes
     storage.write_table(code_table([f"u{k}" for k in range(40)], rng.integers(0, 256, (40, 4), dtype=np.uint8)),
                         f"{codes}/users.parquet", cfg.storage)
     storage.write_table(code_table([f"i{k}" for k in range(30)], rng.integers(0, 256, (30, 4), dtype=np.uint8)),
@@ -75,7 +75,7 @@ def test_zero3_tuning_on_s3_resumes_after_a_planted_failure(s3_bucket, s3_server
 
     result = tune_lora.main(cfg)
 
-    adapter = sources.adapter_uri(cfg)
+    adapter = cfg.layout().adapter
     local_adapter = storage.download_dir(adapter, tmp_path / "adapter", cfg.storage)
     summary = json.loads((local_adapter / TUNE_SUMMARY_FILE).read_text())
     stage1, stage2 = summary["stages"]
@@ -123,7 +123,7 @@ def test_two_worker_encoder_matches_single_process(tmp_path):
 
     pretrain_encoder.main(cfg)
 
-    users, items = read_code_tables(sources.codes_uri(cfg))
+    users, items = read_code_tables(cfg.layout().codes)
     assert users.num_rows == len(single.user_ids) and items.num_rows == len(single.item_ids)
     from binllm.encoder import load_encoder
 
@@ -155,7 +155,7 @@ def test_encoder_and_lora_jobs_of_one_run_name_keep_separate_ray_train_runs(tmp_
     assert stages("shared-encoder") == {DEFAULT_STAGE}
     assert stages("shared-lora") == {"stage1", "stage2"}
     # The tuning job started fresh: nothing of the encoder's run was resumed.
-    summary = json.loads(Path(sources.adapter_uri(cfg), TUNE_SUMMARY_FILE).read_text())
+    summary = json.loads(Path(cfg.layout().adapter, TUNE_SUMMARY_FILE).read_text())
     assert [s["resumed_from_step"] for s in summary["stages"]] == [None, None]
 
 
@@ -194,7 +194,8 @@ def test_user_errors_in_workers_are_not_retried_and_end_as_one_line(tmp_path, ca
         raise WorkerDataError("examples: split 'valid' needs rows of both labels")
 
     job = types.ModuleType("job", "A training job whose worker meets bad data.")
-    job.main = lambda cfg: build_trainer(worker, cfg, "encoder", attempts=str(attempts)).fit()
+    job.main = lambda cfg: build_trainer(worker, {"attempts": str(attempts)}, job="encoder", run=cfg.run,
+                                         distributed=cfg.distributed, storage_cfg=cfg.storage).fit()
     with pytest.raises(SystemExit) as exit_info:
         run_recipe(job, ["--set", "run.name=user-error", "--set", f"run.output_root={tmp_path}/runs",
                          "--set", "distributed.max_failures=3"])
@@ -209,7 +210,7 @@ def test_the_failure_policy_retries_worker_failures_and_raises_user_errors():
     from ray.train import FailureConfig, WorkerGroupError
     from ray.train.v2._internal.execution.failure_handling import FailureDecision
 
-    policy = failure_policy(FailureConfig(max_failures=2))
+    policy = UserErrorsNotRetried(FailureConfig(max_failures=2))
     crash = WorkerGroupError("rank 0 died", {0: RuntimeError("killed")})
     assert policy.make_decision(crash) == FailureDecision.RETRY
     bad_data = DataError("examples: split 'valid' needs rows of both labels")
@@ -225,9 +226,10 @@ def test_the_failure_policy_retries_worker_failures_and_raises_user_errors():
 def test_relative_local_paths_reach_the_workers_as_absolute_paths(tmp_path, monkeypatch):
     """Ray Train workers run in the trial folder: `runs/<name>/examples` must be resolved on the driver."""
     monkeypatch.chdir(tmp_path)
-    cfg = with_absolute_paths(load_config(None, [
+    cfg = load_config(None, [
         "run.output_root=runs", "data.examples=prep/examples", "encoder.codes=s3://bucket/codes",
-        "llm.model=demo:smollm2-135m", "tune.adapter=file:///srv/adapter", "distributed.storage_path=ray"]))
+        "llm.model=demo:smollm2-135m", "tune.adapter=file:///srv/adapter", "distributed.storage_path=ray"])
+    cfg = cfg.with_absolute_paths()
     assert cfg.run.output_root == str(tmp_path / "runs") and cfg.data.examples == str(tmp_path / "prep/examples")
     assert cfg.distributed.storage_path == str(tmp_path / "ray")
     assert (cfg.encoder.codes, cfg.llm.model, cfg.tune.adapter) == ("s3://bucket/codes", "demo:smollm2-135m",

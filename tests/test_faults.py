@@ -28,8 +28,11 @@ import ray
 
 from binllm import storage
 from binllm.cli import run_recipe
-from binllm.pipeline import run_scoring
+from binllm.pipeline.publish import (RUN_MARKER, RunSuperseded, partition_uri, publish_partition, read_manifest,
+                                     read_partition, run_uri, start_run)
+from binllm.pipeline.run import run_scoring
 from binllm.recipes import prepare, score
+from binllm.recipes.score import scoring_job
 from pipeline_helpers import DT, scoring_config, write_inputs
 from ray_cluster import local_ray
 from s3_fault_proxy import Fault, FaultProxy
@@ -51,7 +54,7 @@ def new_bucket(endpoint: str) -> str:
 
 
 def published_rows(root: str) -> list[tuple[str, str, float]]:
-    table = storage.read_partition(f"{root}/{OUT}", DT)
+    table = read_partition(f"{root}/{OUT}", DT)
     return sorted(zip(table["user_id"].to_pylist(), table["item_id"].to_pylist(), table["score"].to_pylist()))
 
 
@@ -65,12 +68,12 @@ def hive_runs(root: str) -> tuple[int, set[str]]:
 def stage_leftover(out: str, day: str, run_id: str, started: str | None) -> None:
     """What a run killed after writing data and before publishing leaves: data and its marker."""
     storage.write_table(pa.table({"user_id": ["u1"], "item_id": ["i1"]}),
-                        f"{storage.run_uri(out, day, run_id)}/part-0.parquet")
+                        f"{run_uri(out, day, run_id)}/part-0.parquet")
     if started is None:
-        storage.start_run(out, day, run_id)
+        start_run(out, day, run_id)
     else:
         storage.write_json({"run_id": run_id, "started_at": started, "state": "running"},
-                           f"{storage.run_uri(out, day, run_id)}/{storage.RUN_MARKER}")
+                           f"{run_uri(out, day, run_id)}/{RUN_MARKER}")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,7 @@ def clean(tmp_path_factory, tiny_llm_dir):
     long_ago = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=3)).isoformat()
     stage_leftover(f"{root}/{OUT}", "2026-11-20", "killed", long_ago)
     stage_leftover(f"{root}/{OUT}", "2026-11-21", "running-now", None)
-    summary = run_scoring(scoring_config(root, tiny_llm_dir, **{"score.stale_run_hours": 1.0}))
+    summary = run_scoring(scoring_job(scoring_config(root, tiny_llm_dir, **{"score.stale_run_hours": 1.0})))
     rows = published_rows(root)
     assert len(rows) == data["requests"].num_rows == len(set(rows)) == summary.rows_out == 43
     return rows, root, summary
@@ -110,7 +113,7 @@ def assert_like_clean(root: str, clean_rows: list, run_id: str | None = None) ->
     assert rows == clean_rows
     hive_rows, runs = hive_runs(root)
     assert hive_rows == len(clean_rows) and len(runs) == 1
-    assert runs == {storage.read_manifest(f"{root}/{OUT}", DT)["run_id"]}
+    assert runs == {read_manifest(f"{root}/{OUT}", DT)["run_id"]}
     if run_id is not None:
         assert runs == {run_id}
 
@@ -156,11 +159,11 @@ def test_storage_reads_and_writes_survive_transient_s3_faults(kind, proxy, s3_bu
     assert (copy / "sub" / "w.bin").read_bytes() == (folder / "sub" / "w.bin").read_bytes()
     out = f"{s3_bucket}/scores"
     for run_id in ("r1", "r2"):
-        storage.start_run(out, DT, run_id)
-        storage.write_table(table, f"{storage.run_uri(out, DT, run_id)}/part-0.parquet")
-        storage.publish_partition(out, DT, run_id, {"mode": "requests"})
-    assert storage.read_partition(out, DT, columns=["user_id", "score"]).equals(table)
-    assert storage.read_manifest(out, DT)["run_id"] == "r2"
+        start_run(out, DT, run_id)
+        storage.write_table(table, f"{run_uri(out, DT, run_id)}/part-0.parquet")
+        publish_partition(out, DT, run_id, {"mode": "requests"})
+    assert read_partition(out, DT, columns=["user_id", "score"]).equals(table)
+    assert read_manifest(out, DT)["run_id"] == "r2"
     assert [i.path.rsplit("/", 2)[1] for i in storage.list_files(out)] == ["run=r2"]
     assert fault.injected >= 3, proxy.log  # the faults did happen
 
@@ -171,7 +174,7 @@ def test_storage_reads_and_writes_survive_transient_s3_faults(kind, proxy, s3_bu
 def test_scoring_job_survives_mixed_transient_s3_faults(proxy, s3_bucket, tiny_llm_dir, clean):
     copy_inputs(clean, s3_bucket)
     faults = {kind: proxy.add(dataclasses.replace(f)) for kind, f in S3_FAULTS.items()}
-    summary = run_scoring(scoring_config(s3_bucket, tiny_llm_dir))
+    summary = run_scoring(scoring_job(scoring_config(s3_bucket, tiny_llm_dir)))
     assert {kind: f.injected > 0 for kind, f in faults.items()} == dict.fromkeys(S3_FAULTS, True), proxy.log
     assert summary.rows_out == len(clean[0])
     assert_like_clean(s3_bucket, clean[0], summary.run_id)
@@ -182,7 +185,7 @@ def test_scoring_job_survives_mixed_transient_s3_faults(proxy, s3_bucket, tiny_l
 def test_scoring_actor_killed_mid_run_recovers(s3_bucket, tiny_llm_dir, clean):
     copy_inputs(clean, s3_bucket)
     cfg = scoring_config(s3_bucket, tiny_llm_dir, **{"score.fail_at_batch": 2})
-    summary = run_scoring(cfg)
+    summary = run_scoring(scoring_job(cfg))
     marker = Path(tempfile.gettempdir()) / "binllm-fault-hooks" / f"scorer-{summary.run_id}"
     assert marker.exists()  # the actor did exit once
     marker.unlink()
@@ -199,7 +202,7 @@ def test_two_runs_of_one_date_at_once_leave_one_complete_run(s3_bucket, tiny_llm
 
     def one(k):
         try:
-            results[k] = run_scoring(cfg)
+            results[k] = run_scoring(scoring_job(cfg))
         except BaseException as exc:  # noqa: BLE001 - the test inspects what each run ended with
             results[k] = exc
 
@@ -213,14 +216,14 @@ def test_two_runs_of_one_date_at_once_leave_one_complete_run(s3_bucket, tiny_llm
     failed = [r for r in results.values() if isinstance(r, BaseException)]
     assert published, failed
     for exc in failed:  # a loser that saw the newer run before publishing fails with a clear message
-        assert isinstance(exc, storage.RunSuperseded) and "started after it and was published" in str(exc)
-    manifest = storage.read_manifest(f"{s3_bucket}/{OUT}", DT)
+        assert isinstance(exc, RunSuperseded) and "started after it and was published" in str(exc)
+    manifest = read_manifest(f"{s3_bucket}/{OUT}", DT)
     # The winner is the run that started last, whichever finished first.
     starts = {r.run_id: r.manifest["started_at"] for r in published}
     assert manifest["run_id"] == max(starts, key=starts.get)
     assert manifest["rows"] == len(clean[0])
     assert_like_clean(s3_bucket, clean[0], manifest["run_id"])
-    fs, part = storage.filesystem_for(storage.partition_uri(f"{s3_bucket}/{OUT}", DT))
+    fs, part = storage.filesystem_for(partition_uri(f"{s3_bucket}/{OUT}", DT))
     folders = [i.path.rsplit("/", 1)[1] for i in fs.get_file_info(pafs.FileSelector(part)) if
                i.type == pafs.FileType.Directory]
     assert folders == [f"run={manifest['run_id']}"]
@@ -231,11 +234,11 @@ def test_two_runs_of_one_date_at_once_leave_one_complete_run(s3_bucket, tiny_llm
 def test_killed_runs_leftovers_are_removed_by_the_next_run_of_any_date(clean):
     rows, root, summary = clean
     out = f"{root}/{OUT}"
-    assert not Path(storage.run_uri(out, "2026-11-20", "killed")).exists()
-    assert Path(storage.run_uri(out, "2026-11-21", "running-now"), "part-0.parquet").exists()  # too young
+    assert not Path(run_uri(out, "2026-11-20", "killed")).exists()
+    assert Path(run_uri(out, "2026-11-21", "running-now"), "part-0.parquet").exists()  # too young
     assert sorted(p.name for p in Path(out, f"dt={DT}").iterdir()) == ["_manifest.json", f"run={summary.run_id}"]
     assert sorted(p.name for p in Path(out, f"dt={DT}", f"run={summary.run_id}").iterdir() if p.suffix != ".parquet") \
-        == ["_manifest.json", "_run.json"]
+        == ["_health.png", "_manifest.json", "_run.json"]
     assert storage.read_json(f"{out}/dt={DT}/run={summary.run_id}/_run.json")["state"] == "published"
 
 

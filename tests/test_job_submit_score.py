@@ -7,6 +7,7 @@ import duckdb
 import pyarrow as pa
 
 from binllm import storage
+from binllm.pipeline.publish import read_manifest
 from ray_cluster import submit_job
 from pipeline_helpers import DT, UNCODED_USERS, brute_force_top_k, seen_items, write_inputs
 
@@ -41,7 +42,7 @@ def test_ray_job_submit_scores_candidates(ray_head, tmp_path, tiny_llm_dir):
     out = f"{root}/nightly/scores"
     rows = duckdb.sql(f"select user_id, item_id, score, fallback, dt, run from read_parquet('{out}/*/*/*.parquet', "
                       "hive_partitioning=1)").fetchall()
-    manifest = storage.read_manifest(out, DT)
+    manifest = read_manifest(out, DT)
     assert len(rows) == manifest["rows"] == 4 * 4
     assert all(0.0 <= r[2] <= 1.0 for r in rows) and {str(r[4]) for r in rows} == {DT}
     assert {r[5] for r in rows} == {manifest["run_id"]}

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from mlflow import MlflowClient
 from peft import PeftModel
 
-from binllm import sources, storage
+from binllm import sources, storage, tracking
 from binllm.codes import code_table
 from binllm.config import load_config
 from binllm.llm import load_causal_lm
-from binllm.recipes.tune_lora import TUNE_SUMMARY_FILE
+from binllm.run_steps import TUNE_SUMMARY_FILE
 from ray_cluster import submit_job
 from synthetic import make_planted_examples
 
@@ -47,9 +48,9 @@ def test_ray_job_submit_runs_the_tuning_job(ray_head, tmp_path, tiny_llm_dir):
     cfg = load_config(None, [])
     cfg.run.output_root, cfg.run.name = config["run"]["output_root"], config["run"]["name"]
     examples, items = make_planted_examples(40, 30, 600, seed=0, history_len=3)
-    sources.write_examples(cfg, examples, items)
+    sources.write_examples(cfg.layout(), examples, items)
     rng = np.random.default_rng(0)
-    codes = sources.codes_uri(cfg)
+    codes = cfg.layout().codes
     storage.write_table(code_table([f"u{k}" for k in range(40)], rng.integers(0, 256, (40, 4), dtype=np.uint8)),
                         f"{codes}/users.parquet")
     storage.write_table(code_table([f"i{k}" for k in range(30)], rng.integers(0, 256, (30, 4), dtype=np.uint8)),
@@ -64,8 +65,19 @@ def test_ray_job_submit_runs_the_tuning_job(ray_head, tmp_path, tiny_llm_dir):
         time.sleep(2)
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-5000:]
 
-    adapter = Path(sources.adapter_uri(cfg))
+    adapter = Path(cfg.layout().adapter)
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / TUNE_SUMMARY_FILE).is_file()
     base, _ = load_causal_lm(tiny_llm_dir)
     tuned = PeftModel.from_pretrained(base, adapter)
     assert any("lora_B" in name and p.abs().sum() > 0 for name, p in tuned.named_parameters())
+
+    # The submitted run is in MLflow (the embedded store under run.output_root): config, curves, the adapter
+    # registered as version 1 of tracking.model_name
+    store = tracking.store_uri(cfg.tracking, cfg.run.output_root)
+    assert store == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    [run] = client.search_runs([client.get_experiment_by_name("binllm").experiment_id])
+    assert (run.info.run_name, run.info.status) == ("submitted-tune_lora", "FINISHED")
+    assert run.data.params["distributed.num_workers"] == "2" and "stage2/valid_auc" in run.data.metrics
+    version = client.get_model_version("binllm-adapter", "1")
+    assert version.run_id == run.info.run_id and version.tags["binllm.run_name"] == "submitted"

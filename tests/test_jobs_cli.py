@@ -1,4 +1,6 @@
 """The thin entry points as a user runs them: `python -m jobs.X --config ... --set ...`."""
+import importlib
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -7,8 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from binllm import evaluation
 from binllm.config import load_config
 from binllm.recipes import evaluate
+
+pytestmark = pytest.mark.integration  # runs the jobs as processes of their own
 
 
 def _run(*args, cwd):
@@ -69,7 +74,7 @@ def test_evaluate_job_reads_scores_and_writes_the_table(tmp_path):
     assert rows["good"]["warm_rows"] == 2 and rows["good"]["cold_uauc"] == 1.0
     assert "good" in (tmp_path / "ev/eval/metrics.md").read_text()
     with pytest.raises(ValueError, match="missing column"):
-        evaluate.metrics_table(pa.table({"method": ["x"]}))
+        evaluation.metrics_table(pa.table({"method": ["x"]}))
 
 
 BINLLM = Path(sys.executable).with_name("binllm")  # the console command pyproject.toml installs
@@ -95,6 +100,13 @@ def test_binllm_command_runs_the_same_recipes(table_source, request):
 
 @pytest.mark.parametrize("job", ["prepare", "pretrain_encoder", "tune_lora", "score", "evaluate", "paper_table",
                                  "demo"])
-def test_every_job_help_lists_its_config_sections(job, request):
-    result = _run(f"jobs.{job}", "--help", cwd=request.config.rootpath)
-    assert result.returncode == 0 and "config sections this job reads: run, storage" in " ".join(result.stdout.split())
+def test_every_job_help_lists_its_config_sections(job, monkeypatch, capsys):
+    # The entry module run as `python -m jobs.<job> --help` runs it, in this process: one import of the stack for
+    # all seven (test_binllm_command_runs_the_same_recipes starts a real process)
+    monkeypatch.setattr(sys, "argv", [f"jobs/{job}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(f"jobs.{job}", run_name="__main__", alter_sys=True)
+    assert exit_.value.code == 0
+    sections = getattr(importlib.import_module(f"binllm.recipes.{job}"), "SECTIONS")
+    assert f"config sections this job reads: {', '.join(sections)}" in " ".join(capsys.readouterr().out.split())
+    assert sections[:2] == ("run", "storage")

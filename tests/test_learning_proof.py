@@ -24,7 +24,8 @@ def tune_and_test(data, llm_dir, kind, code_format="binary", epochs=2):
         "tune.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
         f"tune.stage2={{lr: 0.01, micro_batch_size: 16, epochs: {epochs}, eval_every: 25, patience: 10}}"])
     model, tokenizer = load_causal_lm(llm_dir)
-    tuned = tune_lora(examples, items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer)
+    tuned = tune_lora(examples, items, user_codes, item_codes, tune=cfg.tune, prompt=cfg.prompt, llm=cfg.llm,
+                      seed=cfg.run.seed, model=model, tokenizer=tokenizer)
     test = split_rows(examples, "test", 0, 0)
     prompts = build_prompts(test, items, user_codes, item_codes, cfg.prompt, tokenizer=tokenizer)
     scores = score_prompts(tuned.model, tokenizer, prompts.prefix, prompts.suffix, answer_id=tuned.answer)
@@ -74,7 +75,7 @@ def test_the_tuned_score_is_the_scored_score(title_signal, tiny_llm_dir):
     cfg = load_config(None, ["prompt.kind=full"])
     _, tokenizer = load_causal_lm(tiny_llm_dir)
     rows = split_rows(examples, "test", 40, 0)
-    prompts, _ = tokenize_rows(rows, items, user_codes, item_codes, cfg, "full", tokenizer)
+    prompts, _ = tokenize_rows(rows, items, user_codes, item_codes, cfg.prompt, "full", tokenizer)
     model = tuned.model.eval()
     input_ids, mask = collate_prompts(prompts.token_ids, tokenizer.pad_token_id)
     with torch.no_grad():

@@ -1,7 +1,10 @@
-"""The nightly scoring CronJob's script (cluster/kuberay/score-nightly.yaml), run for real with bash
-against a fake `kubectl` that plays a KubeRay cluster: the RayJob's states come from a scenario, and
-every call is logged so each case can check the exact kubectl calls the script made."""
+"""The nightly scoring CronJob's script (cluster/kuberay/score-nightly.sh), run for real with bash
+against a fake `kubectl` (tests/nightly/kubectl, first on PATH) that plays a KubeRay cluster: the
+RayJob's states come from a scenario, and every call is logged so each case can check the exact kubectl
+calls the script made. The static checks at the end read the manifests: the CronJob mounts the script
+from the ConfigMap kustomize generates from it, and runs it."""
 
+import functools
 import json
 import os
 import re
@@ -19,103 +22,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO / "cluster" / "kuberay"
 MANIFEST = KUBERAY / "score-nightly.yaml"
+SCRIPT = KUBERAY / "score-nightly.sh"
+FAKE_BIN = Path(__file__).resolve().parent / "nightly"  # holds the fake `kubectl`
 DT = "2024-05-01"
 NAME = f"binllm-score-{DT}"
 SELECTOR = "app.kubernetes.io/name=binllm,app.kubernetes.io/component=score"
-
-# A small stand-in for kubectl. It logs its argv, answers `get rayjob NAME -o jsonpath=...` from the
-# scenario's "status" list (one entry per call, the last one repeating), lists the scenario's "list"
-# for `get rayjobs -l ...`, keeps what `create -f` was given, and renders the jsonpath templates the
-# script uses ({.a.b}, {"literal"}, {range .items[*]} ... {end}).
-FAKE_KUBECTL = r'''
-import json, os, re, sys
-from pathlib import Path
-
-state = Path(os.environ["FAKE_KUBECTL_STATE"])
-scenario = json.loads((state / "scenario.json").read_text())
-argv = sys.argv[1:]
-with open(state / "calls.jsonl", "a") as log:
-    log.write(json.dumps(argv) + "\n")
-args = [a for a in argv if not a.startswith("--request-timeout")]
-
-def counter(key):
-    path = state / f"count-{key}"
-    n = int(path.read_text()) if path.exists() else 0
-    path.write_text(str(n + 1))
-    return n
-
-def lookup(obj, path):
-    for part in path.strip(".").split("."):
-        if not isinstance(obj, dict) or part not in obj:
-            return ""
-        obj = obj[part]
-    return str(obj)
-
-def render(template, obj):
-    tokens = re.findall(r"\{([^{}]*)\}|([^{}]+)", template)
-    def walk(i, obj, out):
-        while i < len(tokens):
-            expr, text = tokens[i]
-            if text:
-                out.append(text)
-            elif expr.startswith("range "):
-                items = obj.get(expr.split()[1].strip(".").replace("[*]", ""), [])
-                end = i
-                for item in items or [None]:
-                    end = walk(i + 1, item or {}, out if item is not None else [])
-                i = end
-            elif expr == "end":
-                return i
-            elif expr.startswith('"'):
-                out.append(json.loads(expr))
-            else:
-                out.append(lookup(obj, expr))
-            i += 1
-        return i
-    out = []
-    walk(0, obj, out)
-    return "".join(out)
-
-def answer(response):
-    if "error" in response:
-        sys.stderr.write(response["error"] + "\n")
-        sys.exit(response.get("rc", 1))
-    return response
-
-def output_format():
-    for i, a in enumerate(args):
-        if a == "-o":
-            return args[i + 1]
-        if a.startswith("-o"):
-            return a[2:].lstrip("=")
-    return ""
-
-verb = args[0]
-if verb == "create":
-    n = counter("create")
-    text = Path(args[args.index("-f") + 1]).read_text()
-    (state / f"created-{n}.yaml").write_text(text)
-    if scenario.get("create_error"):
-        answer({"error": scenario["create_error"]})
-    created = re.search(r"name: (\S+)", text).group(1)
-    print(f"rayjob.ray.io/{created} created")
-elif verb == "delete":
-    print("\n".join(f'rayjob.ray.io "{n}" deleted' for n in args[2:] if not n.startswith("-")))
-elif verb == "get" and args[1] == "rayjobs":
-    if scenario.get("list_error"):
-        answer({"error": scenario["list_error"]})
-    print(render(output_format().split("=", 1)[1], {"items": scenario.get("list", [])}), end="")
-elif verb == "get" and "--ignore-not-found" in args:
-    n = counter("exists")
-    if n < scenario.get("old_rayjob_polls", 0):
-        print(f"rayjob.ray.io/{args[2]}")
-elif verb == "get":
-    statuses = scenario["status"]
-    response = answer(statuses[min(counter("status"), len(statuses) - 1)])
-    print(render(output_format().split("=", 1)[1], response), end="")
-else:
-    answer({"error": f"fake kubectl: unexpected call {argv}"})
-'''
 
 
 def manifest_docs() -> list[dict]:
@@ -164,21 +75,17 @@ def status(dep="", job="", reason="", message="", failed=None) -> dict:
 
 
 def prepare(tmp_path: Path, scenario: dict, **env: str) -> tuple[list[str], dict[str, str], Path]:
-    """The CronJob container's command line and environment as Kubernetes would give them (the env
-    from the YAML, the template from the ConfigMap), with the fake kubectl first on PATH and no sleeps
-    unless `env` asks for them; returns (argv, environment, the fake's state folder)."""
+    """`bash score-nightly.sh` with the environment Kubernetes would give the CronJob's container (the
+    env from the YAML, the template from the ConfigMap), the fake kubectl first on PATH (then this
+    Python's folder, for the fake's `#!/usr/bin/env python3`) and no sleeps unless `env` asks for them;
+    returns (argv, environment, the fake's state folder)."""
     state = tmp_path / "state"
-    bin_dir = tmp_path / "bin"
     state.mkdir(parents=True)
-    bin_dir.mkdir(parents=True)
     (state / "scenario.json").write_text(json.dumps(scenario))
-    fake = bin_dir / "kubectl"
-    fake.write_text(f"#!{sys.executable}\n{FAKE_KUBECTL}")
-    fake.chmod(0o755)
     template = tmp_path / "rayjob.yaml"
     template.write_text(template_text())
     full_env = {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PATH": os.pathsep.join([str(FAKE_BIN), str(Path(sys.executable).parent), os.environ["PATH"]]),
         "FAKE_KUBECTL_STATE": str(state),
         "TMPDIR": str(tmp_path),
         **container_env(),
@@ -189,12 +96,14 @@ def prepare(tmp_path: Path, scenario: dict, **env: str) -> tuple[list[str], dict
         "KUBECTL_RETRY_DELAY_SECONDS": "0",
         **env,
     }
-    spec = container()
-    return spec["command"] + spec["args"], full_env, state
+    return ["bash", str(SCRIPT)], full_env, state
 
 
-def run_script(tmp_path: Path, scenario: dict, timeout: float = 60, **env: str) -> Run:
+def run_script(tmp_path: Path, scenario: dict, timeout: float = 60, as_the_pod: bool = False, **env: str) -> Run:
+    """Runs the script to its end; `as_the_pod` runs the file itself, by its #! line, as the CronJob does."""
     argv, full_env, state = prepare(tmp_path, scenario, **env)
+    if as_the_pod:
+        argv = [str(SCRIPT)]
     start = time.monotonic()
     proc = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=timeout)
     seconds = time.monotonic() - start
@@ -238,7 +147,7 @@ def test_succeeded(tmp_path):
     run = run_script(tmp_path, {"status": [
         status(), status("Initializing", "PENDING"), status("Running", "RUNNING"),
         status("Complete", "SUCCEEDED"),
-    ]})
+    ]}, as_the_pod=True)
     assert run.rc == 0, run.out
     assert f"{NAME}: SUCCEEDED" in run.out
     assert_setup_calls(run)
@@ -444,12 +353,35 @@ def test_sigterm_ends_the_wait_at_once(tmp_path):
     assert "terminated by SIGTERM; the RayJob is left as it is" in out
 
 
+def test_sigterm_during_a_kubectl_call_after_a_wait(tmp_path):
+    """A SIGTERM that comes while kubectl runs, after an earlier poll's sleep has ended, still ends the
+    script with 143 and its message (the trap's kill of that finished sleep fails, and must not end it)."""
+    argv, env, state = prepare(tmp_path, {"status": [status("Running", "RUNNING"),
+                                                     {**status("Running", "RUNNING"), "sleep": 2}]})
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        calls = state / "calls.jsonl"
+        deadline = time.monotonic() + 30
+        while not calls.exists() or len(calls.read_text().splitlines()) <= len(SETUP_CALLS) + 1:
+            assert time.monotonic() < deadline, "the script never read the RayJob's status twice"
+            time.sleep(0.1)
+        proc.terminate()  # bash runs the trap when this kubectl call returns
+        rc = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    out = proc.stdout.read()
+    assert rc == 143, out
+    assert "terminated by SIGTERM; the RayJob is left as it is" in out
+
+
 @pytest.mark.parametrize(("env", "says"), [
     ({"SCORE_DT": "2024-5-1"}, "SCORE_DT must be YYYY-MM-DD"),
     ({"SCORE_DT": "2024-05-01/../x"}, "SCORE_DT must be YYYY-MM-DD"),
     ({"BINLLM_IMAGE": ""}, "BINLLM_IMAGE must be an image reference"),
     ({"BINLLM_IMAGE": "binllm:1|x"}, "BINLLM_IMAGE must be an image reference"),
     ({"POLL_SECONDS": "30s"}, "poll_s must be a whole number"),
+    ({"KUBECTL_ATTEMPTS": "0"}, "KUBECTL_ATTEMPTS must be at least 1"),
+    ({"TEMPLATE": "/nonexistent/rayjob.yaml"}, "no RayJob template at /nonexistent/rayjob.yaml"),
 ])
 def test_bad_configuration_makes_no_kubectl_call(tmp_path, env, says):
     run = run_script(tmp_path, {"status": [status("Complete", "SUCCEEDED")]}, **env)
@@ -491,19 +423,100 @@ def test_pods_are_restricted_and_have_shm():
     assert container()["securityContext"]["readOnlyRootFilesystem"] is True
 
 
-def test_kustomize_names_the_image_once():
-    kustomization = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())
-    (entry,) = kustomization["images"]
-    expected = entry["newName"] + (f"@{entry['digest']}" if "digest" in entry else f":{entry['newTag']}")
-    raw = "\n".join(p.read_text() for p in KUBERAY.glob("*.yaml") if p.name != "kustomization.yaml")
-    assert expected not in raw
+def kustomization() -> dict:
+    return yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())
+
+
+def script_generator() -> tuple[dict, str]:
+    """kustomization.yaml's configMapGenerator entry made from score-nightly.sh, and the script's key
+    in that ConfigMap (`files: [KEY=PATH]`, or the file's name)."""
+    found = []
+    for entry in kustomization().get("configMapGenerator", []):
+        for item in entry.get("files", []):
+            key, _, path = item.rpartition("=")
+            if (KUBERAY / path).resolve() == SCRIPT:
+                found.append((entry, key or Path(path).name))
+    assert len(found) == 1, f"kustomization.yaml should generate one ConfigMap from {SCRIPT.name}: {found}"
+    return found[0]
+
+
+@functools.cache
+def kustomize_build() -> tuple[str, list[dict]]:
+    """`kubectl kustomize cluster/kuberay`: its text and its objects (the test skips without kubectl)."""
     if not shutil.which("kubectl"):
         pytest.skip("kubectl (with kustomize built in) is not installed")
     built = subprocess.run(["kubectl", "kustomize", str(KUBERAY)], capture_output=True, text=True, timeout=120)
     if built.returncode != 0 and "unknown command" in built.stderr:
         pytest.skip("this kubectl has no kustomize")
     assert built.returncode == 0, built.stderr
-    docs = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+    return built.stdout, [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+
+
+def test_cronjob_mounts_the_script_and_runs_it():
+    """The files as kustomize combines them: the CronJob mounts the ConfigMap generated from
+    score-nightly.sh (same name, so kustomize's name reference rewrites it to the hashed one), executable,
+    and runs the file it mounts; the generated ConfigMap carries the score-nightly labels, so that
+    `kubectl apply -k cluster/kuberay -l app.kubernetes.io/component=score-nightly` applies it too."""
+    assert MANIFEST.name in kustomization()["resources"]
+    entry, key = script_generator()
+    labels = cronjob()["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "score-nightly"
+    assert entry.get("options", {}).get("labels", {}).items() >= labels.items(), entry
+    assert not entry.get("options", {}).get("disableNameSuffixHash"), "a changed script must get a new name"
+
+    pod = cronjob()["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == entry["name"]]
+    assert volume["configMap"].get("defaultMode") == 0o755
+    assert "items" not in volume["configMap"]
+    (mount,) = [m for m in container()["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount.get("readOnly") is True and "subPath" not in mount
+    assert container()["command"] == [f"{mount['mountPath']}/{key}"]
+    assert not container().get("args")
+
+    text = SCRIPT.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert re.search(r"^set -euo pipefail$", text, re.M)
+    assert os.access(SCRIPT, os.X_OK), f"{SCRIPT} is not executable"
+
+    # The script's default template is the RayJob template the CronJob mounts, and it reads every
+    # variable the CronJob sets.
+    (default,) = re.findall(r'template="\$\{TEMPLATE:-([^}]+)\}"', text)
+    (templates,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == "binllm-score-rayjob"]
+    (templates_mount,) = [m for m in container()["volumeMounts"] if m["name"] == templates["name"]]
+    assert default == f"{templates_mount['mountPath']}/rayjob.yaml"
+    template_text()  # the ConfigMap has the key rayjob.yaml
+    for name in container_env():
+        assert name == "HOME" or "${" + name in text, f"the script does not read {name}"
+
+
+def test_kustomize_build_mounts_the_generated_script():
+    """`kubectl kustomize`: the script's ConfigMap gets a hashed name, the CronJob's volume names it,
+    it holds the script as it is, and the score-nightly label selects it."""
+    _, docs = kustomize_build()
+    entry, key = script_generator()
+    (configmap,) = [doc for doc in docs if doc["kind"] == "ConfigMap"
+                    and doc["metadata"]["name"].startswith(entry["name"] + "-")]
+    assert configmap["data"] == {key: SCRIPT.read_text()}
+    assert configmap["metadata"]["labels"]["app.kubernetes.io/component"] == "score-nightly"
+    (cron,) = [doc for doc in docs if doc["kind"] == "CronJob"]
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    names = [v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v]
+    assert configmap["metadata"]["name"] in names and entry["name"] not in names, names
+    assert [v["configMap"].get("defaultMode") for v in pod["volumes"]
+            if v.get("configMap", {}).get("name") == configmap["metadata"]["name"]] == [0o755]
+    selected = {(doc["kind"], doc["metadata"]["name"]) for doc in docs
+                if doc["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "score-nightly"}
+    assert selected == {("ServiceAccount", "binllm-score-scheduler"), ("Role", "binllm-score-scheduler"),
+                        ("RoleBinding", "binllm-score-scheduler"), ("ConfigMap", "binllm-score-rayjob"),
+                        ("ConfigMap", configmap["metadata"]["name"]), ("CronJob", "binllm-score-nightly")}
+
+
+def test_kustomize_names_the_image_once():
+    (entry,) = kustomization()["images"]
+    expected = entry["newName"] + (f"@{entry['digest']}" if "digest" in entry else f":{entry['newTag']}")
+    raw = "\n".join(p.read_text() for p in KUBERAY.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert expected not in raw and expected not in SCRIPT.read_text()
+    built, docs = kustomize_build()
     images = []
 
     def collect(node):
@@ -523,4 +536,4 @@ def test_kustomize_names_the_image_once():
     env = {e["name"]: e.get("value") for e in
            cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["BINLLM_IMAGE"] == expected
-    assert not re.search(r"(?<![\w./-])binllm:", built.stdout)  # no unqualified name is left
+    assert not re.search(r"(?<![\w./-])binllm:", built)  # no unqualified name is left

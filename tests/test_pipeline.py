@@ -21,8 +21,10 @@ from binllm import storage
 from binllm.cli import run_recipe
 from binllm.config import ConfigError
 from binllm.pipeline import InputError, run_scoring
-from binllm.recipes import score
 from binllm.pipeline.pairs import user_histories
+from binllm.pipeline.publish import published_dates, read_manifest, read_partition
+from binllm.recipes import score
+from binllm.recipes.score import scoring_job
 from pipeline_helpers import DT, expected_logits, histories_before, scoring_config, write_inputs
 from ray_cluster import local_ray
 
@@ -44,10 +46,10 @@ class Blocker:
 def test_requests_on_s3_match_direct_scoring_and_rerun_replaces(s3_bucket, tiny_llm_dir, tmp_path):
     data = write_inputs(s3_bucket, tiny_llm_dir)
     cfg = scoring_config(s3_bucket, tiny_llm_dir)
-    first = run_scoring(cfg)
+    first = run_scoring(scoring_job(cfg))
     out = f"{s3_bucket}/nightly/scores"
     assert first.rows_in == data["requests"].num_rows == first.rows_out
-    table = storage.read_partition(out, DT)
+    table = read_partition(out, DT)
     assert table.num_rows == data["requests"].num_rows
     assert set(table.column_names) >= {"user_id", "item_id", "score", "logit", "fallback", "model_version", "run_id"}
     assert table.schema.field("score").type == pa.float32() and table.schema.field("logit").type == pa.float32()
@@ -68,17 +70,23 @@ def test_requests_on_s3_match_direct_scoring_and_rerun_replaces(s3_bucket, tiny_
     assert got[("u10", "i3")][2] and got[("u2", "i29")][2] and got[("stranger", "i4")][2]
     assert first.fallbacks == int(np.sum(fallback)) > 0
 
-    manifest = storage.read_manifest(out, DT)
+    manifest = read_manifest(out, DT)
     assert manifest["run_id"] == first.run_id and manifest["rows"] == req.num_rows
     assert manifest["checksums"]["adapter"] == storage.dir_checksum(f"{s3_bucket}/adapter")
     assert manifest["inputs"]["requests"] == f"{s3_bucket}/requests.parquet"
     assert "secret_access_key" not in manifest["config"]["storage"] and "testing" not in json.dumps(manifest)
     assert manifest["code_version"] and [f["rows"] for f in manifest["files"]] and manifest["summary"]["fallbacks"] > 0
+    # The health report: the run's score distribution; no earlier date, so no drift; the PNG beside the data on S3.
+    assert manifest["health"]["scores"]["rows"] == req.num_rows and manifest["health"]["drift"]["psi"] is None
+    assert manifest["health"]["scores"]["quantiles"]["p50"] == pytest.approx(float(np.median(table["score"])), abs=1e-6)
+    assert storage.exists(f"{out}/{manifest['health']['plot']}")
 
-    second = run_scoring(cfg)
+    second = run_scoring(scoring_job(cfg))
     assert second.run_id != first.run_id
-    again = storage.read_partition(out, DT)
+    again = read_partition(out, DT)
     assert again.num_rows == req.num_rows and set(again["run_id"].to_pylist()) == {second.run_id}
+    # A rerun compares with the previous DATE (there is none), never with the run of the same date it replaces.
+    assert second.manifest["health"]["drift"]["previous_dt"] is None
     # An independent hive reader sees exactly one copy: the old run's folder is gone.
     fs, path = storage.filesystem_for(out)
     hive = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
@@ -92,14 +100,15 @@ def test_bad_inputs_name_file_and_column(tmp_path, tiny_llm_dir):
     write_inputs(root, tiny_llm_dir)
     storage.write_table(pa.table({"user": ["u1"], "item_id": ["i1"]}), f"{root}/bad.parquet")
     with pytest.raises(InputError, match=r"scoring requests .*bad.parquet: missing column\(s\) \['user_id'\]"):
-        run_scoring(scoring_config(root, tiny_llm_dir, **{"score.requests": f"{root}/bad.parquet"}))
+        run_scoring(scoring_job(scoring_config(root, tiny_llm_dir, **{"score.requests": f"{root}/bad.parquet"})))
     with pytest.raises(InputError, match=r"interaction log not found: .*nowhere.parquet"):
-        run_scoring(scoring_config(root, tiny_llm_dir, **{"score.interactions": f"{root}/nowhere.parquet"}))
+        run_scoring(scoring_job(scoring_config(root, tiny_llm_dir,
+                                               **{"score.interactions": f"{root}/nowhere.parquet"})))
     storage.write_table(pa.table({"user_id": pa.array([], pa.string()), "item_id": pa.array([], pa.string())}),
                         f"{root}/empty.parquet")
     with pytest.raises(InputError, match="nothing to score"):
-        run_scoring(scoring_config(root, tiny_llm_dir, **{"score.requests": f"{root}/empty.parquet"}))
-    assert storage.published_dates(f"{root}/nightly/scores") == []
+        run_scoring(scoring_job(scoring_config(root, tiny_llm_dir, **{"score.requests": f"{root}/empty.parquet"})))
+    assert published_dates(f"{root}/nightly/scores") == []
     assert not storage.exists(f"{root}/nightly/scores/dt={DT}") or not storage.list_files(f"{root}/nightly/scores")
 
 
@@ -138,12 +147,12 @@ def test_every_pool_size_finishes_or_is_refused(num_actors, cpus_per_actor, fini
                                                 "run.name": f"pool{num_actors}x{cpus_per_actor:g}"})
     out = f"{root}/{cfg.run.name}/scores"
     if finishes:
-        summary = run_scoring(cfg)
+        summary = run_scoring(scoring_job(cfg))
         assert summary.rows_out == data["requests"].num_rows
-        assert storage.read_partition(out, DT).num_rows == data["requests"].num_rows
+        assert read_partition(out, DT).num_rows == data["requests"].num_rows
         return
     with pytest.raises(ConfigError) as refused:
-        run_scoring(cfg)
+        run_scoring(scoring_job(cfg))
     assert str(refused.value).startswith(
         f"config keys 'score.num_actors' ({num_actors}) x 'score.cpus_per_actor' ({cpus_per_actor:g}) ask for "
         f"{num_actors * cpus_per_actor:g} CPUs for the scoring actors; the Ray cluster has 2 CPUs and the read and join "
@@ -194,7 +203,7 @@ def test_a_joined_cluster_is_asked_to_grow_before_the_pool_is_refused(pool_root,
                                                 "score.stall_timeout_s": 2, "run.name": "joined"})
     started = time.monotonic()
     with caplog.at_level(logging.INFO), pytest.raises(ConfigError) as refused:
-        run_scoring(cfg)
+        run_scoring(scoring_job(cfg))
     assert 2 <= time.monotonic() - started < 30
     assert "asked its autoscaler, waiting up to 2 s" in caplog.text
     assert str(refused.value).endswith("set score.num_actors to 1 or less (or score.cpus_per_actor to 0.333 or less) "

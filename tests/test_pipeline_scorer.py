@@ -27,7 +27,8 @@ def test_scorer_uses_the_configured_path_and_shared_is_the_default(tmp_path, tin
     hist = histories_before(data["examples"], 2**62, 5)
     rows = req.append_column("history", pa.array([hist.get(u, []) for u in req["user_id"].to_pylist()],
                                                   pa.list_(pa.string())))
-    actor = Scorer(ScorerSpec(cfg, f"{root}/adapter", "v1", "run1"))
+    actor = Scorer(ScorerSpec.for_score(cfg.score, cfg.llm, cfg.storage, adapter=f"{root}/adapter", model_version="v1",
+                                        run_id="run1"))
     batch = build_prompts(rows, data["items"], storage.read_table(f"{root}/codes/users.parquet"),
                           storage.read_table(f"{root}/codes/items.parquet"), cfg.prompt, tokenizer=actor.tokenizer)
     out = actor(pa.table({"user_id": req["user_id"], "item_id": req["item_id"], "prefix": batch.prefix,

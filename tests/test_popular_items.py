@@ -6,7 +6,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from binllm.config import load_config
+from binllm.config import StorageConfig
 from binllm.pipeline import run
 from binllm.pipeline.inputs import parquet_paths
 from binllm.pipeline.pairs import normalise_log, timestamp_seconds
@@ -50,10 +50,10 @@ def log_folder(tmp_path_factory):
 
 
 def ray_popular_items(folder, history_before, top_k):
-    cfg = load_config(None, [f"score.top_k={top_k}"])
-    log = run._read(str(folder), "interaction log", ["user_id", "item_id", "timestamp", "label"], cfg).map_batches(
+    columns = ["user_id", "item_id", "timestamp", "label"]
+    log = run._read(str(folder), "interaction log", columns, StorageConfig()).map_batches(
         normalise_log, batch_format="pyarrow", fn_kwargs={"history_before": history_before, "min_rating": 4.0})
-    return run._popular_items(log, cfg)
+    return run._popular_items(log, top_k)
 
 
 def test_ray_data_popularity_equals_the_driver_side_count(log_folder, monkeypatch):

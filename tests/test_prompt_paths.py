@@ -1,12 +1,11 @@
 """Training and both scorers see the same tokens for the same rows, hostile titles and token caps included.
 
-Training: binllm.tune.tokenize_rows. Evaluation: binllm.recipes.evaluate.score_test_rows. Nightly scoring:
+Training: binllm.tune.tokenize_rows. Evaluation: binllm.evaluation.llm_logits. Nightly scoring:
 the pipeline's PairBuilder (histories from the interaction log) then the Scorer actor. The scorers' tokens
 are recorded where they enter the model (binllm.llm.scoring.score_encoded).
 """
 import tempfile
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -15,7 +14,7 @@ from binllm.config import load_config
 from binllm.llm import apply_lora, load_causal_lm, save_adapter, scoring
 from binllm.pipeline.pairs import PairBuilder, PairSpec, normalise_log, normalise_requests
 from binllm.pipeline.scorer import Scorer, ScorerSpec
-from binllm.recipes import evaluate
+from binllm import evaluation
 from binllm.tune import tokenize_rows
 from test_prompts import HOSTILE_CODES, HOSTILE_HISTORY, HOSTILE_ITEMS, HOSTILE_ROWS, USER
 
@@ -33,7 +32,6 @@ def recorded(monkeypatch):
         return real(model, encoded, **kwargs)
 
     monkeypatch.setattr(scoring, "score_encoded", recording)
-    monkeypatch.setattr("binllm.encoder.score_pairs", lambda encoder, users, items: np.zeros(len(users), np.float32))
     return calls
 
 
@@ -55,10 +53,10 @@ def test_training_and_both_scorers_tokenise_the_same_rows_identically(tmp_path, 
         "timestamp", pa.array([100] * n, pa.int64())).append_column("warm", pa.array([True] * n))
     keys = list(zip(rows["user_id"].to_pylist(), rows["item_id"].to_pylist()))
 
-    trained = tokenize_rows(rows, HOSTILE_ITEMS, USER, HOSTILE_CODES, cfg, cfg.prompt.kind, tokenizer)[0].token_ids
+    trained = tokenize_rows(rows, HOSTILE_ITEMS, USER, HOSTILE_CODES, cfg.prompt, cfg.prompt.kind, tokenizer)[0].token_ids
 
-    evaluate.score_test_rows(cfg, rows, HOSTILE_ITEMS, USER, HOSTILE_CODES, mf=None, binmf=None, llm=model,
-                             tokenizer=tokenizer)
+    evaluation.llm_logits(rows, HOSTILE_ITEMS, USER, HOSTILE_CODES, prompt=cfg.prompt, llm=cfg.llm, score=cfg.score,
+                          model=model, tokenizer=tokenizer)
     (evaluated,) = recorded
 
     # The pipeline builds the same histories from an interaction log: the positives before the cutoff.
@@ -70,7 +68,8 @@ def test_training_and_both_scorers_tokenise_the_same_rows_identically(tmp_path, 
                                  user_codes=f"{root}/codes/users.parquet", item_codes=f"{root}/codes/items.parquet",
                                  storage=cfg.storage, prompt=cfg.prompt, history_len=6, top_k=1, popular=[],
                                  tokenizer=tokenizer))(block)
-    Scorer(ScorerSpec(cfg, f"{root}/adapter", "v1", "run1"))(pairs)
+    Scorer(ScorerSpec.for_score(cfg.score, cfg.llm, cfg.storage, adapter=f"{root}/adapter", model_version="v1",
+                                run_id="run1"))(pairs)
     piped = dict(zip(zip(pairs["user_id"].to_pylist(), pairs["item_id"].to_pylist()), recorded[1]))
 
     assert len(trained) == len(evaluated) == len(piped) == n
@@ -78,6 +77,6 @@ def test_training_and_both_scorers_tokenise_the_same_rows_identically(tmp_path, 
         assert trained[i] == evaluated[i] == piped[key], key
         assert len(trained[i]) <= MAX_TOKENS
     uncapped = tokenize_rows(rows, HOSTILE_ITEMS, USER, HOSTILE_CODES,
-                             load_config(None, ["prompt.max_title_tokens=0", "prompt.max_tokens=0"]), "full",
+                             load_config(None, ["prompt.max_title_tokens=0", "prompt.max_tokens=0"]).prompt, "full",
                              tokenizer)[0].token_ids
     assert all(len(u) > MAX_TOKENS for u in uncapped)  # the caps did bind on every row

@@ -16,7 +16,8 @@ from binllm.config import ConfigError
 from binllm.llm import AnswerTokens, apply_lora, load_causal_lm
 from binllm.pipeline import run_scoring
 from binllm.recipes import evaluate
-from binllm.recipes.tune_lora import publish_adapter
+from binllm.recipes.score import scoring_job
+from binllm.run_steps import publish_adapter
 from binllm.tune import TuneResult
 from pipeline_helpers import random_code_table, scoring_config, write_inputs
 
@@ -32,9 +33,14 @@ def published(tmp_path, tiny_llm_dir):
     cfg = scoring_config(root, tiny_llm_dir)
     model, _ = load_causal_lm(tiny_llm_dir, dtype="float32")
     lora = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    spec = prompt_spec.spec_for(cfg.prompt, cfg.llm, cfg.data.history_len, cfg.layout())
     publish_adapter(TuneResult(model=lora, adapter_state=None, answer=AnswerTokens(5, 6), best_auc=0.5),
-                    f"{root}/adapter", cfg)
+                    f"{root}/adapter", spec, cfg.llm.model, cfg.storage)
     return root, cfg
+
+
+def check_adapter(adapter: str, cfg) -> None:
+    prompt_spec.check_adapter(adapter, cfg.prompt, cfg.llm, cfg.data.history_len, cfg.layout())
 
 
 def sha256(path) -> str:
@@ -52,7 +58,7 @@ def test_publish_adapter_writes_the_spec_beside_the_adapter(published, tiny_llm_
         "user_codes_sha256": sha256(f"{root}/codes/users.parquet"),
         "item_codes_sha256": sha256(f"{root}/codes/items.parquet"),
     }
-    prompt_spec.check_adapter(f"{root}/adapter", cfg)  # its own config matches
+    check_adapter(f"{root}/adapter", cfg)  # its own config matches
 
 
 MISMATCHES = [
@@ -76,7 +82,7 @@ def test_scoring_refuses_each_prompt_setting_that_differs(published, tiny_llm_di
     root, _ = published
     key, value = override.split("=", 1)
     with pytest.raises(ConfigError) as error:
-        run_scoring(scoring_config(root, tiny_llm_dir, **{key: value}))
+        run_scoring(scoring_job(scoring_config(root, tiny_llm_dir, **{key: value})))
     assert str(error.value) == ADAPTER_SETTINGS.format(adapter=f"{root}/adapter", diffs=diff)
 
 
@@ -87,20 +93,20 @@ def test_scoring_refuses_another_base_model_and_other_code_tables(published, tin
     root, cfg = published
     tuned_on, other = storage.dir_checksum(str(tiny_llm_dir)), storage.dir_checksum(str(tiny_sentencepiece_llm_dir))
     with pytest.raises(ConfigError) as error:
-        run_scoring(scoring_config(root, tiny_sentencepiece_llm_dir))
+        run_scoring(scoring_job(scoring_config(root, tiny_sentencepiece_llm_dir)))
     assert str(error.value) == ADAPTER_SETTINGS.format(
         adapter=f"{root}/adapter", diffs=f"llm.model sha256: adapter {tuned_on[:12]}, config {other[:12]}")
 
     users, items = sha256(f"{root}/codes/users.parquet"), sha256(f"{root}/codes/items.parquet")
     storage.write_table(random_code_table([f"i{k}" for k in range(28)], seed=99), f"{root}/codes/items.parquet")
     with pytest.raises(ConfigError) as error:
-        run_scoring(cfg)
+        run_scoring(scoring_job(cfg))
     assert str(error.value) == ADAPTER_SETTINGS.format(
         adapter=f"{root}/adapter",
         diffs=f"item code table sha256: adapter {items[:12]}, config {sha256(f'{root}/codes/items.parquet')[:12]}")
 
     with pytest.raises(ConfigError) as error:  # text-only prompts use no codes: every difference on one line
-        run_scoring(scoring_config(root, tiny_llm_dir, **{"prompt.kind": "text"}))
+        run_scoring(scoring_job(scoring_config(root, tiny_llm_dir, **{"prompt.kind": "text"})))
     assert str(error.value) == ADAPTER_SETTINGS.format(
         adapter=f"{root}/adapter", diffs=f"prompt.kind: adapter 'full', config 'text'; user code table sha256: "
                                          f"adapter {users[:12]}, config ''; item code table sha256: adapter "
@@ -130,7 +136,7 @@ def test_an_adapter_without_a_spec_is_accepted_with_a_warning(published, caplog)
     root, cfg = published
     os.remove(f"{root}/adapter/{prompt_spec.SPEC_FILE}")
     with caplog.at_level(logging.WARNING, logger="binllm.prompt_spec"):
-        prompt_spec.check_adapter(f"{root}/adapter", cfg)
+        check_adapter(f"{root}/adapter", cfg)
     assert (f"adapter {root}/adapter has no binllm_prompt_spec.json (published before binllm recorded prompt "
             "specs): its prompt settings, base model and code tables cannot be checked") in caplog.text
 
@@ -140,7 +146,7 @@ def test_a_spec_of_another_format_is_refused(published):
     root, cfg = published
     storage.write_json({"format": "something-else/9"}, f"{root}/adapter/{prompt_spec.SPEC_FILE}")
     with pytest.raises(ConfigError) as error:
-        prompt_spec.check_adapter(f"{root}/adapter", cfg)
+        check_adapter(f"{root}/adapter", cfg)
     assert str(error.value) == (f"{root}/adapter/binllm_prompt_spec.json: expected a prompt spec of format "
                                 "'binllm-prompt-spec/1', found 'something-else/9'")
 

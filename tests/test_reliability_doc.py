@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "RELIABILITY.md"
 
 
+@pytest.mark.integration  # collects the whole suite in a pytest process of its own
 def test_reliability_doc_lists_every_marked_test(tmp_path):
     collected = tmp_path / "collected.md"
     run = subprocess.run(

@@ -19,7 +19,8 @@ from binllm.llm import (
     yes_logits,
 )
 from binllm.llm.shared_prefix_logits import shared_prefix_yes_logits
-from binllm.tune import shared_prefix_micro_batches, split_rows, stage_steps, tokenize_rows
+from binllm.train.micro_batches import shared_prefix_micro_batches, stage_steps
+from binllm.tune import PromptSet, StageTask, split_rows, tokenize_rows
 from synthetic import make_planted_examples
 from test_llm_scoring import make_prompts
 
@@ -93,8 +94,8 @@ def test_the_prefix_pass_carries_gradient(tiny_llm_dir, monkeypatch):
     encoded = make_rows("prefixes and suffixes of different lengths", model.config.vocab_size)
     labels = torch.ones(len(encoded))
     _, through = loss_and_gradients(model, shared_prefix_yes_logits(model, encoded, ANSWER, PAD), labels)
-    run_prefixes = module._run_prefixes
-    monkeypatch.setattr(module, "_run_prefixes", lambda *args, **kwargs: [
+    run_prefixes = module.run_prefixes
+    monkeypatch.setattr(module, "run_prefixes", lambda *args, **kwargs: [
         (keys.detach(), values.detach()) for keys, values in run_prefixes(*args, **kwargs)])
     _, cut = loss_and_gradients(model, shared_prefix_yes_logits(model, encoded, ANSWER, PAD), labels)
     assert max(float((through[name] - cut[name]).abs().max()) for name in through) > 1e-2
@@ -128,7 +129,7 @@ def test_prompt_set_rows_split_into_their_shared_prefix_and_suffix_tokens(tiny_l
     cfg = load_config(None, ["prompt.kind=text"])
     _, tokenizer = load_causal_lm(tiny_llm_dir)
     rows = split_rows(examples, "train", 0, 0)
-    prompts, _ = tokenize_rows(rows, items, None, None, cfg, "text", tokenizer)
+    prompts, _ = tokenize_rows(rows, items, None, None, cfg.prompt, "text", tokenizer)
     histories = [tuple(h) for h in rows.column("history").to_pylist()]  # text prompts: the prefix is the history
     assert len(np.unique(prompts.prefix_of_row)) == len(set(histories)) < len(prompts)  # one prefix per history
     picked = np.asarray([5, 0, 17, 5, 33, 101, 17])
@@ -221,7 +222,6 @@ def test_a_shared_prefix_stage_without_a_whole_step_names_its_sizes():
 def test_shared_prefix_validation_gives_every_rank_as_many_forwards_as_the_busiest(tiny_llm_dir):
     """ZeRO-3 forwards are collective: a rank with fewer shared-prefix batches repeats its first one."""
     from binllm.train.backend import LocalBackend
-    from binllm.tune import PromptSet, _StageTask
 
     class FirstOfTwoRanks(LocalBackend):
         rank, world_size = 0, 2
@@ -232,7 +232,7 @@ def test_shared_prefix_validation_gives_every_rank_as_many_forwards_as_the_busie
     prefix_of_row, prefix_lengths, lengths = grouped_rows(n_prefixes=20)
     valid = PromptSet([[1] * n for n in lengths.tolist()], np.zeros(len(lengths), dtype=np.float32), prefix_of_row,
                       prefix_lengths)
-    task = _StageTask(FirstOfTwoRanks(), valid, valid, StageConfig(micro_batch_size=4), ANSWER, PAD, 0,
+    task = StageTask(FirstOfTwoRanks(), valid, valid, StageConfig(micro_batch_size=4), ANSWER, PAD, 0,
                       shared_prefix=True)
     mine = np.arange(len(lengths))
     plan = task._shared_plan(valid, mine, 1, 0, scale=2)

@@ -1,5 +1,5 @@
 """Storage: URIs to filesystems, Parquet/JSON round trips on disk and on S3 (moto), folder copies with a
-node cache, and the publish protocol that replaces a date's data atomically."""
+node cache, and the publish protocol that replaces a date's data atomically (binllm.pipeline.publish)."""
 import datetime as dt
 import json
 import os
@@ -15,6 +15,8 @@ import pytest
 from binllm import storage
 from binllm.cli import run_recipe
 from binllm.config import ConfigError, StorageConfig, load_config
+from binllm.pipeline.publish import (RUN_MARKER, RunSuperseded, publish_partition, published_dates, read_manifest,
+                                     read_partition, remove_stale_runs, run_uri, start_run)
 from binllm.recipes import score
 from binllm.train.ray_jobs import ray_storage
 
@@ -68,7 +70,7 @@ def test_s3_round_trips_and_cached_download(s3_bucket, tmp_path):
 
 
 def _stage(root, dt, run_id, values):
-    storage.write_table(pa.table({"v": values}), f"{storage.run_uri(root, dt, run_id)}/part-0.parquet")
+    storage.write_table(pa.table({"v": values}), f"{run_uri(root, dt, run_id)}/part-0.parquet")
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -76,19 +78,19 @@ def test_publish_replaces_a_date_and_readers_see_one_copy(where, tmp_path, reque
     root = str(tmp_path / "scores") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/scores"
     _stage(root, "2026-11-26", "r1", [1, 2, 3])
     _stage(root, "2026-11-25", "r0", [9])
-    storage.publish_partition(root, "2026-11-25", "r0", {"mode": "requests"})
-    m1 = storage.publish_partition(root, "2026-11-26", "r1", {"checksums": {"adapter": "abc"}})
+    publish_partition(root, "2026-11-25", "r0", {"mode": "requests"})
+    m1 = publish_partition(root, "2026-11-26", "r1", {"checksums": {"adapter": "abc"}})
     assert m1["rows"] == 3 and m1["files"] == [{"path": "dt=2026-11-26/run=r1/part-0.parquet", "rows": 3,
                                                  "bytes": m1["files"][0]["bytes"]}]
     assert m1["checksums"] == {"adapter": "abc"}
 
     # A second run is staged but not yet published: manifest readers still see only r1.
     _stage(root, "2026-11-26", "r2", [4, 5])
-    assert storage.read_partition(root, "2026-11-26")["v"].to_pylist() == [1, 2, 3]
-    storage.publish_partition(root, "2026-11-26", "r2", {})
-    assert storage.read_partition(root, "2026-11-26")["v"].to_pylist() == [4, 5]
-    assert storage.read_manifest(root, "2026-11-26")["run_id"] == "r2"
-    assert storage.published_dates(root) == ["2026-11-25", "2026-11-26"]
+    assert read_partition(root, "2026-11-26")["v"].to_pylist() == [1, 2, 3]
+    publish_partition(root, "2026-11-26", "r2", {})
+    assert read_partition(root, "2026-11-26")["v"].to_pylist() == [4, 5]
+    assert read_manifest(root, "2026-11-26")["run_id"] == "r2"
+    assert published_dates(root) == ["2026-11-25", "2026-11-26"]
 
     # Plain hive readers: one run per date, the manifests (underscore names) are not read as data.
     fs, path = storage.filesystem_for(root)
@@ -102,11 +104,11 @@ def test_publish_replaces_a_date_and_readers_see_one_copy(where, tmp_path, reque
 
 def test_publish_checks_names():
     with pytest.raises(storage.StorageError, match="expected YYYY-MM-DD"):
-        storage.run_uri("/x", "2026-1-2", "r")
+        run_uri("/x", "2026-1-2", "r")
     with pytest.raises(storage.StorageError, match="run id"):
-        storage.run_uri("/x", "2026-01-02", "a/b")
+        run_uri("/x", "2026-01-02", "a/b")
     with pytest.raises(storage.StorageError, match="nothing published"):
-        storage.read_partition("/nonexistent/root", "2026-01-02")
+        read_partition("/nonexistent/root", "2026-01-02")
 
 
 def test_credentials_travel_to_workers_but_are_never_shown(monkeypatch):
@@ -130,7 +132,7 @@ def test_filesystems_of_a_plain_config_pickle_no_credentials(s3_bucket, monkeypa
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDNOTINPICKLES")
     storage.write_json({"x": 1}, f"{s3_bucket}/c/m.json")
     cfg = load_config(None, [f"run.output_root={s3_bucket}/runs"])
-    path, fs = ray_storage(cfg)
+    path, fs = ray_storage(cfg.run, cfg.distributed, cfg.storage)
     blob = pickle.dumps(fs)
     assert path == f"{s3_bucket[len('s3://'):]}/runs/ray_train" and b"AKIDNOTINPICKLES" not in blob
     copy = pickle.loads(blob)  # a worker: the SDK's chain finds the variables
@@ -163,7 +165,7 @@ def test_credentials_in_configs_are_refused(key, variable, tmp_path, capsys):
 def _started(root, day, run_id, state="running", hours_ago=0.0):
     storage.write_json({"run_id": run_id, "state": state, "started_at": (
         dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=hours_ago)).isoformat(timespec="microseconds")},
-        f"{storage.run_uri(root, day, run_id)}/{storage.RUN_MARKER}")
+        f"{run_uri(root, day, run_id)}/{RUN_MARKER}")
 
 
 def _runs(root, day):
@@ -175,26 +177,26 @@ def test_publish_order_the_later_started_run_wins(tmp_path):
     day = "2026-11-26"
     # B started after A but finished first: A then finds B and is not published.
     for run_id, values in (("a", [1]), ("b", [2, 3])):
-        storage.start_run(str(root), day, run_id)
+        start_run(str(root), day, run_id)
         _stage(str(root), day, run_id, values)
-    storage.publish_partition(str(root), day, "b", {})
-    with pytest.raises(storage.RunSuperseded, match=r"run a of .* not published: the run b started after it"):
-        storage.publish_partition(str(root), day, "a", {})
-    assert storage.read_partition(str(root), day)["v"].to_pylist() == [2, 3] and _runs(root, day) == ["run=b"]
+    publish_partition(str(root), day, "b", {})
+    with pytest.raises(RunSuperseded, match=r"run a of .* not published: the run b started after it"):
+        publish_partition(str(root), day, "a", {})
+    assert read_partition(str(root), day)["v"].to_pylist() == [2, 3] and _runs(root, day) == ["run=b"]
     # C started before D and published first: D supersedes it and removes its folder.
     for run_id in ("c", "d"):
-        storage.start_run(str(root), day, run_id)
+        start_run(str(root), day, run_id)
         _stage(str(root), day, run_id, [ord(run_id)])
-    storage.publish_partition(str(root), day, "c", {})
-    assert storage.read_partition(str(root), day)["v"].to_pylist() == [ord("c")] and _runs(root, day) == ["run=c", "run=d"]
-    storage.publish_partition(str(root), day, "d", {})
-    assert storage.read_partition(str(root), day)["v"].to_pylist() == [ord("d")] and _runs(root, day) == ["run=d"]
+    publish_partition(str(root), day, "c", {})
+    assert read_partition(str(root), day)["v"].to_pylist() == [ord("c")] and _runs(root, day) == ["run=c", "run=d"]
+    publish_partition(str(root), day, "d", {})
+    assert read_partition(str(root), day)["v"].to_pylist() == [ord("d")] and _runs(root, day) == ["run=d"]
     # An older run still publishing (marker state running) is not deleted under it by the winner.
     _started(str(root), day, "old", hours_ago=1)
     _stage(str(root), day, "old", [0])
     _started(str(root), day, "new")
     _stage(str(root), day, "new", [9])
-    storage.publish_partition(str(root), day, "new", {})
+    publish_partition(str(root), day, "new", {})
     assert _runs(root, day) == ["run=new", "run=old"]
 
 
@@ -205,15 +207,15 @@ def test_concurrent_publishers_end_with_one_consistent_run(tmp_path):
     for round_ in range(25):
         root = str(tmp_path / f"r{round_}")
         for run_id in ("x", "y"):
-            storage.start_run(root, day, run_id)
+            start_run(root, day, run_id)
             _stage(root, day, run_id, [round_] * (1 if run_id == "x" else 2))
         gate, outcomes = threading.Barrier(2), {}
 
         def publish(run_id):
             gate.wait()
             try:
-                outcomes[run_id] = storage.publish_partition(root, day, run_id, {})["run_id"]
-            except storage.RunSuperseded as exc:
+                outcomes[run_id] = publish_partition(root, day, run_id, {})["run_id"]
+            except RunSuperseded as exc:
                 outcomes[run_id] = exc
 
         threads = [threading.Thread(target=publish, args=(r,)) for r in ("x", "y")]
@@ -222,9 +224,9 @@ def test_concurrent_publishers_end_with_one_consistent_run(tmp_path):
         for t in threads:
             t.join()
         assert outcomes["y"] == "y"  # y started last
-        assert outcomes["x"] == "x" or isinstance(outcomes["x"], storage.RunSuperseded)
-        manifest = storage.read_manifest(root, day)
-        assert manifest["run_id"] == "y" and storage.read_partition(root, day)["v"].to_pylist() == [round_] * 2
+        assert outcomes["x"] == "x" or isinstance(outcomes["x"], RunSuperseded)
+        manifest = read_manifest(root, day)
+        assert manifest["run_id"] == "y" and read_partition(root, day)["v"].to_pylist() == [round_] * 2
         assert _runs(tmp_path / f"r{round_}", day) == ["run=y"]
 
 
@@ -233,7 +235,7 @@ def test_concurrent_publishers_end_with_one_consistent_run(tmp_path):
 def test_remove_stale_runs_spares_live_and_young_runs(tmp_path):
     root = str(tmp_path / "scores")
     _stage(root, "2026-11-20", "live", [1])
-    storage.publish_partition(root, "2026-11-20", "live", {})
+    publish_partition(root, "2026-11-20", "live", {})
     _started(root, "2026-11-20", "live", state="published", hours_ago=50)  # old but live: kept
     _started(root, "2026-11-21", "killed", hours_ago=30)
     _stage(root, "2026-11-21", "killed", [2])
@@ -245,10 +247,10 @@ def test_remove_stale_runs_spares_live_and_young_runs(tmp_path):
         os.utime(path, (old, old))
     os.utime(tmp_path / "scores" / "dt=2026-11-22" / "run=unmarked-old", (old, old))
 
-    removed = storage.remove_stale_runs(root, 24.0)
+    removed = remove_stale_runs(root, 24.0)
 
     assert sorted(r.rsplit("/", 2)[1:] for r in removed) == [["dt=2026-11-21", "run=killed"],
                                                               ["dt=2026-11-22", "run=unmarked-old"]]
     assert _runs(tmp_path / "scores", "2026-11-20") == ["run=live"]
     assert _runs(tmp_path / "scores", "2026-11-21") == ["run=young"]
-    assert storage.read_partition(root, "2026-11-20")["v"].to_pylist() == [1]
+    assert read_partition(root, "2026-11-20")["v"].to_pylist() == [1]

@@ -15,8 +15,8 @@ from binllm.prompts import build_prompts
 from binllm.train.backend import LocalBackend
 from binllm.config import StageConfig
 from binllm.llm import apply_lora, save_adapter
-from binllm.tune import (shared_prefix_micro_batches, split_rows, stage_steps, tokenize_rows, train_micro_batches,
-                         tune_lora)
+from binllm.train.micro_batches import shared_prefix_micro_batches, stage_steps, train_micro_batches
+from binllm.tune import split_rows, tokenize_rows, tune_lora
 from synthetic import make_planted_examples
 
 TUNE_SETTINGS = [
@@ -44,7 +44,9 @@ def _tune(planted, llm_dir, *overrides):
     examples, items, user_codes, item_codes = planted
     cfg = load_config(None, [*TUNE_SETTINGS, *overrides])
     model, tokenizer = load_causal_lm(llm_dir)
-    return tune_lora(examples, items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer), cfg, tokenizer
+    tuned = tune_lora(examples, items, user_codes, item_codes, tune=cfg.tune, prompt=cfg.prompt, llm=cfg.llm,
+                      seed=cfg.run.seed, model=model, tokenizer=tokenizer)
+    return tuned, cfg, tokenizer
 
 
 def _valid_prompts(planted, cfg, tokenizer):
@@ -133,8 +135,9 @@ def test_tuning_without_validation_rows_names_the_problem(planted, tiny_llm_dir)
     train_only = examples.filter(pc.equal(examples.column("split"), "train"))
     model, tokenizer = load_causal_lm(tiny_llm_dir)
     with pytest.raises(ValueError, match="valid rows"):
-        tune_lora(train_only, items, user_codes, item_codes, load_config(None, TUNE_SETTINGS),
-                  model=model, tokenizer=tokenizer)
+        cfg = load_config(None, TUNE_SETTINGS)
+        tune_lora(train_only, items, user_codes, item_codes, tune=cfg.tune, prompt=cfg.prompt, llm=cfg.llm,
+                  seed=cfg.run.seed, model=model, tokenizer=tokenizer)
 
 
 def test_token_budget_micro_batches_fit_the_budget_and_split_evenly_over_ranks():
@@ -174,8 +177,8 @@ def test_shared_prefix_tuning_learns_the_planted_signal_and_computes_fewer_token
     assert result.best_auc > 0.9  # as the full-prompt run (test_intuitive_tuning_learns_the_planted_signal)
 
     examples, items, user_codes, item_codes = planted
-    train, _ = tokenize_rows(split_rows(examples, "train", 320, cfg.run.seed), items, user_codes, item_codes, cfg,
-                             "full", tokenizer)
+    train, _ = tokenize_rows(split_rows(examples, "train", 320, cfg.run.seed), items, user_codes, item_codes,
+                             cfg.prompt, "full", tokenizer)
     plan = [batch for epoch in range(3) for batch in shared_prefix_micro_batches(
         train.prefix_of_row, train.prefix_lengths, train.lengths, 1, cfg.run.seed, epoch, micro_batch_size=16)]
     assert stage.steps == len(plan) and [h["step"] for h in stage.history][-1] == stage.steps

@@ -109,7 +109,7 @@ def _observed_range(rating: pa.ChunkedArray) -> tuple[float, float] | None:
     return float(bounds["min"]), float(bounds["max"])
 
 
-def _date(timestamp: int) -> str:
+def iso_date(timestamp: int) -> str:
     return str(np.datetime64(timestamp, "s").astype("datetime64[D]"))
 
 
@@ -280,7 +280,7 @@ def prepare_examples(interactions: pa.Table, cfg: DataConfig, *, source: str = "
     kept = time_order[split[time_order] >= 0]
     report["outside_split"] = len(timestamps) - len(kept)
     if len(kept) == 0:
-        first, last = (_date(int(t)) for t in (timestamps.min(), timestamps.max()))
+        first, last = (iso_date(int(t)) for t in (timestamps.min(), timestamps.max()))
         raise DataError(f"data.split: no rows fall inside the configured {cfg.split.kind} windows "
                         f"({describe_split(cfg.split)}); the log runs from {first} to {last}")
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from binllm.config import DataConfig
-from binllm.data.prepare import SPLITS, _date, describe_split
+from binllm.data.prepare import SPLITS, describe_split, iso_date
 from binllm.data.schema import DataError
 
 PROFILE_FILE = "profile.json"
@@ -55,24 +55,7 @@ def build_profile(examples: pa.Table, items: pa.Table, report: dict, cfg: DataCo
     timestamps = examples.column("timestamp").to_numpy()
     warm = examples.column("warm").to_numpy(zero_copy_only=False)
     users, item_ids = examples.column("user_id").combine_chunks(), examples.column("item_id").combine_chunks()
-    splits = {}
-    for name in SPLITS:
-        rows = split == name
-        n = int(rows.sum())
-        splits[name] = {
-            "rows": n, "positives": int(label[rows].sum()), "positive_rate": _share(int(label[rows].sum()), n),
-            "first": _date(int(timestamps[rows].min())) if n else None,
-            "last": _date(int(timestamps[rows].max())) if n else None,
-            "warm_share": _share(int(warm[rows].sum()), n),
-            "users": len(pc.unique(users.filter(pa.array(rows)))),
-            "items": len(pc.unique(item_ids.filter(pa.array(rows)))),
-        }
-    train, test = pa.array(split == "train"), pa.array(split == "test")
-    test_users, test_items = pc.unique(users.filter(test)), pc.unique(item_ids.filter(test))
-    unseen_users = pc.invert(pc.is_in(test_users, value_set=pc.unique(users.filter(train))))
-    unseen_items = pc.invert(pc.is_in(test_items, value_set=pc.unique(item_ids.filter(train))))
-    unseen_rows = pc.or_(pc.invert(pc.is_in(users.filter(test), value_set=pc.unique(users.filter(train)))),
-                         pc.invert(pc.is_in(item_ids.filter(test), value_set=pc.unique(item_ids.filter(train)))))
+    splits = {name: _split_profile(split == name, label, timestamps, warm, users, item_ids) for name in SPLITS}
     lengths = pc.list_value_length(examples.column("history")).to_numpy(zero_copy_only=False)
     quantiles = np.percentile(lengths, [0, 25, 50, 75, 100]) if len(lengths) else [0] * 5
     log_items = pc.unique(item_ids)
@@ -104,11 +87,36 @@ def build_profile(examples: pa.Table, items: pa.Table, report: dict, cfg: DataCo
         "history_length": {"min": int(quantiles[0]), "p25": float(quantiles[1]), "median": float(quantiles[2]),
                            "p75": float(quantiles[3]), "max": int(quantiles[4]),
                            "empty_share": _share(int((lengths == 0).sum()), len(lengths)), "limit": cfg.history_len},
-        "test_unseen_in_train": {
-            "users": _share(int(pc.sum(unseen_users).as_py() or 0), len(test_users)),
-            "items": _share(int(pc.sum(unseen_items).as_py() or 0), len(test_items)),
-            "rows": _share(int(pc.sum(unseen_rows).as_py() or 0), len(unseen_rows)),
-        },
+        "test_unseen_in_train": _unseen_in_train(split, users, item_ids),
+    }
+
+
+def _split_profile(rows: np.ndarray, label: np.ndarray, timestamps: np.ndarray, warm: np.ndarray, users: pa.Array,
+                   item_ids: pa.Array) -> dict:
+    """Rows, positives, time window, warm share, users and items of one split (`rows`: its mask)."""
+    n = int(rows.sum())
+    return {
+        "rows": n, "positives": int(label[rows].sum()), "positive_rate": _share(int(label[rows].sum()), n),
+        "first": iso_date(int(timestamps[rows].min())) if n else None,
+        "last": iso_date(int(timestamps[rows].max())) if n else None,
+        "warm_share": _share(int(warm[rows].sum()), n),
+        "users": len(pc.unique(users.filter(pa.array(rows)))),
+        "items": len(pc.unique(item_ids.filter(pa.array(rows)))),
+    }
+
+
+def _unseen_in_train(split: np.ndarray, users: pa.Array, item_ids: pa.Array) -> dict:
+    """Shares of the test users, test items and test rows (user or item) that the train split never saw."""
+    train, test = pa.array(split == "train"), pa.array(split == "test")
+    test_users, test_items = pc.unique(users.filter(test)), pc.unique(item_ids.filter(test))
+    unseen_users = pc.invert(pc.is_in(test_users, value_set=pc.unique(users.filter(train))))
+    unseen_items = pc.invert(pc.is_in(test_items, value_set=pc.unique(item_ids.filter(train))))
+    unseen_rows = pc.or_(pc.invert(pc.is_in(users.filter(test), value_set=pc.unique(users.filter(train)))),
+                         pc.invert(pc.is_in(item_ids.filter(test), value_set=pc.unique(item_ids.filter(train)))))
+    return {
+        "users": _share(int(pc.sum(unseen_users).as_py() or 0), len(test_users)),
+        "items": _share(int(pc.sum(unseen_items).as_py() or 0), len(test_items)),
+        "rows": _share(int(pc.sum(unseen_rows).as_py() or 0), len(unseen_rows)),
     }
 
 

@@ -104,40 +104,8 @@ def train_encoder(
     vocabulary_rows = train if cfg.vocabulary == "train" else examples
     user_ids = build_vocabulary(as_string_array(vocabulary_rows.column("user_id"), "examples column 'user_id'"))
     item_ids = build_vocabulary(as_string_array(vocabulary_rows.column("item_id"), "examples column 'item_id'"))
+    task = _EncoderTask(backend, train, valid, user_ids, item_ids, cfg, seed)
     device = backend.device
-
-    def indexed(table: pa.Table, rows: np.ndarray | None = None) -> tuple[torch.Tensor, ...]:
-        if rows is not None:
-            table = table.take(pa.array(rows))
-        users = lookup(user_ids, as_string_array(table.column("user_id"), "examples column 'user_id'"))
-        items = lookup(item_ids, as_string_array(table.column("item_id"), "examples column 'item_id'"))
-        return (torch.from_numpy(users).to(device), torch.from_numpy(items).to(device),
-                torch.from_numpy(_labels(table)).to(device))
-
-    train_users, train_items, train_labels = indexed(train)
-    valid_users, valid_items, valid_labels_t = indexed(valid, backend.shard_indices(valid.num_rows, even=False))
-    per_rank_batch = max(1, math.ceil(cfg.batch_size / backend.world_size))
-
-    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        order = np.random.default_rng(seed + epoch).permutation(train.num_rows)
-        rows = torch.from_numpy(order[backend.shard_indices(train.num_rows, even=True)]).to(device)
-        for start in range(0, len(rows), per_rank_batch):
-            take = rows[start:start + per_rank_batch]
-            yield train_users[take], train_items[take], train_labels[take]
-
-    def loss_fn(model, batch, epoch: int) -> torch.Tensor:
-        users, items, labels = batch
-        logits = model(users, items, anneal_beta(epoch, cfg.anneal_epochs))
-        return F.binary_cross_entropy_with_logits(logits.float(), labels)
-
-    def evaluate(model) -> dict[str, float]:
-        rows = torch.nonzero((valid_users >= 0) & (valid_items >= 0)).squeeze(1)
-        scores = torch.empty(len(rows), dtype=torch.float32, device=device)
-        for start in range(0, len(rows), EVAL_CHUNK):
-            take = rows[start:start + EVAL_CHUNK]
-            scores[start:start + len(take)] = model(valid_users[take], valid_items[take], 1.0).float()
-        gathered = backend.gather({"label": valid_labels_t[rows].cpu().numpy(), "score": scores.cpu().numpy()})
-        return {"auc": auc(gathered["label"], gathered["score"])}
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -148,7 +116,7 @@ def train_encoder(
         torch.manual_seed(seed + 1 + backend.rank)  # annealing masks differ per rank, reproducibly
         loop = run_training(
             backend, prepared,
-            batches=batches, loss_fn=loss_fn, evaluate=lambda: evaluate(prepared),
+            batches=task.batches, loss_fn=task.loss, evaluate=lambda: task.evaluate(prepared),
             settings=LoopSettings(max_epochs=cfg.max_epochs, patience=cfg.patience),
         )
 
@@ -160,6 +128,52 @@ def train_encoder(
         model=best, user_ids=user_ids, item_ids=item_ids, best_auc=loop.best_auc, history=loop.history,
         steps=loop.steps, epochs=loop.epochs, stopped_early=loop.stopped_early, kind=kind, config=cfg,
     )
+
+
+class _EncoderTask:
+    """The encoder's rows as id tensors on the backend's device, and its batches, loss and validation for
+    run_training. Validation covers this rank's share of the valid rows whose user and item both have an
+    embedding."""
+
+    def __init__(self, backend: Backend, train: pa.Table, valid: pa.Table, user_ids: pa.Array, item_ids: pa.Array,
+                 cfg: EncoderConfig, seed: int):
+        self.backend, self.cfg, self.seed, self.user_ids, self.item_ids = backend, cfg, seed, user_ids, item_ids
+        self.train_users, self.train_items, self.train_labels = self._indexed(train)
+        self.valid_users, self.valid_items, self.valid_labels = self._indexed(
+            valid, backend.shard_indices(valid.num_rows, even=False))
+        self.per_rank_batch = max(1, math.ceil(cfg.batch_size / backend.world_size))
+
+    def _indexed(self, table: pa.Table, rows: np.ndarray | None = None) -> tuple[torch.Tensor, ...]:
+        if rows is not None:
+            table = table.take(pa.array(rows))
+        users = lookup(self.user_ids, as_string_array(table.column("user_id"), "examples column 'user_id'"))
+        items = lookup(self.item_ids, as_string_array(table.column("item_id"), "examples column 'item_id'"))
+        device = self.backend.device
+        return (torch.from_numpy(users).to(device), torch.from_numpy(items).to(device),
+                torch.from_numpy(_labels(table)).to(device))
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        n = len(self.train_labels)
+        order = np.random.default_rng(self.seed + epoch).permutation(n)
+        rows = torch.from_numpy(order[self.backend.shard_indices(n, even=True)]).to(self.backend.device)
+        for start in range(0, len(rows), self.per_rank_batch):
+            take = rows[start:start + self.per_rank_batch]
+            yield self.train_users[take], self.train_items[take], self.train_labels[take]
+
+    def loss(self, model, batch, epoch: int) -> torch.Tensor:
+        users, items, labels = batch
+        logits = model(users, items, anneal_beta(epoch, self.cfg.anneal_epochs))
+        return F.binary_cross_entropy_with_logits(logits.float(), labels)
+
+    def evaluate(self, model) -> dict[str, float]:
+        rows = torch.nonzero((self.valid_users >= 0) & (self.valid_items >= 0)).squeeze(1)
+        scores = torch.empty(len(rows), dtype=torch.float32, device=self.backend.device)
+        for start in range(0, len(rows), EVAL_CHUNK):
+            take = rows[start:start + EVAL_CHUNK]
+            scores[start:start + len(take)] = model(self.valid_users[take], self.valid_items[take], 1.0).float()
+        gathered = self.backend.gather({"label": self.valid_labels[rows].cpu().numpy(),
+                                        "score": scores.cpu().numpy()})
+        return {"auc": auc(gathered["label"], gathered["score"])}
 
 
 def _strip_wrapper_prefix(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,65 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from binllm.llm.batching import PackedRow, plan_shared_prefix
 from binllm.llm.forward import AnswerHead
+from binllm.llm.prefix_attention import PrefixLayer, attention_mask_format, block_mask, run_prefixes, to_model_mask
 from binllm.llm.tokens import EncodedPrompts
-
-_MASK_FORMATS = ("sdpa", "eager")
-
-
-def _attention_mask_format(decoder: nn.Module) -> str:
-    implementation = getattr(decoder.config, "_attn_implementation", None)
-    if implementation not in _MASK_FORMATS:
-        raise ValueError(
-            f"shared-prefix scoring and training need a custom 4D attention mask, which works with "
-            f"attn_implementation 'sdpa' or 'eager'; this model uses {implementation!r} (load it with "
-            "attn_implementation='sdpa', or turn shared_prefix off)"
-        )
-    return implementation
-
-
-def _to_model_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean [R, 1, Q, K] (True = may attend) in the form the attention implementation expects."""
-    if implementation == "sdpa":
-        return allowed
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return additive.masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-class _PrefixLayer(DynamicLayer):
-    """One layer's prefix keys/values [G, kv_heads, P, head_dim] for a batch of packed rows: row r sees
-    prefix `slots[r]` followed by its own states. Nothing is appended or kept, so the per-row copy made
-    for one layer is freed when that layer is done."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor):
-        super().__init__()
-        self.keys, self.values, self.slots = keys, values, slots
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        keys, values = self.keys.index_select(0, self.slots), self.values.index_select(0, self.slots)
-        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
-
-
-def _run_prefixes(
-    decoder: nn.Module, prefixes: Sequence[Sequence[int]], pad_id: int, device: torch.device, **forward_kwargs
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (keys, values) [G, kv_heads, P_max, head_dim] of right-padded prefixes. `decoder` may also
-    be a whole causal LM (training runs its own forward; forward_kwargs such as logits_to_keep go to it).
-
-    Right padding keeps each real token's causal context free of padding, so no mask is needed.
-    """
-    width = max(len(ids) for ids in prefixes)
-    input_ids = np.full((len(prefixes), width), pad_id, dtype=np.int64)
-    for row, ids in enumerate(prefixes):
-        input_ids[row, : len(ids)] = ids
-    out = decoder(input_ids=torch.from_numpy(input_ids).to(device), use_cache=True, **forward_kwargs)
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-
 
 def _layout_rows(
     rows: list[PackedRow], suffix_ids: Sequence[Sequence[int]], prefix_lengths: np.ndarray, pad_id: int
@@ -102,17 +49,6 @@ def _layout_rows(
     return input_ids, position_ids, segments, np.asarray(pairs), np.asarray(end_rows), np.asarray(end_cols)
 
 
-def _block_mask(segments: torch.Tensor, prefix_lengths: torch.Tensor, prefix_width: int) -> torch.Tensor:
-    """[R, 1, T, P_max + T]: a suffix token sees its user's real prefix tokens, and earlier tokens of its own
-    suffix. Padding positions (segment -1) see only padding, so their outputs stay finite and unused."""
-    width = segments.shape[1]
-    sees_prefix = torch.arange(prefix_width, device=segments.device) < prefix_lengths[:, None]  # [R, P]
-    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
-    sees_suffix = (segments[:, :, None] == segments[:, None, :]) & causal  # [R, T, T]
-    allowed = torch.cat([sees_prefix[:, None, :].expand(-1, width, -1), sees_suffix], dim=-1)
-    return allowed[:, None]
-
-
 def score_shared_prefix(
     decoder: nn.Module,
     head: AnswerHead,
@@ -123,7 +59,7 @@ def score_shared_prefix(
     max_row_tokens: int,
 ) -> np.ndarray:
     """Answer logits float32 [N] in pair order; see the module docstring for the method."""
-    implementation = _attention_mask_format(decoder)
+    implementation = attention_mask_format(decoder)
     device = next(decoder.parameters()).device
     dtype = next(decoder.parameters()).dtype
     prefix_lengths = np.asarray([len(ids) for ids in encoded.prefix_ids], dtype=np.int64)
@@ -137,7 +73,7 @@ def score_shared_prefix(
         max_row_tokens=max_row_tokens,
     )
     for group in tqdm(groups, desc="scoring", unit="prefix group", leave=False, disable=None):
-        prefix_kv = _run_prefixes(decoder, [encoded.prefix_ids[u] for u in group.users.tolist()], pad_id, device)
+        prefix_kv = run_prefixes(decoder, [encoded.prefix_ids[u] for u in group.users.tolist()], pad_id, device)
         slot_of_user = {user: g for g, user in enumerate(group.users.tolist())}
         prefix_width = prefix_kv[0][0].shape[-2]
         for rows in group.row_batches:
@@ -146,15 +82,15 @@ def score_shared_prefix(
                 rows, encoded.suffix_ids, prefix_lengths[row_users], pad_id
             )
             slots = torch.tensor([slot_of_user[u] for u in row_users.tolist()], device=device)
-            cache = Cache(layers=[_PrefixLayer(keys, values, slots) for keys, values in prefix_kv])
-            allowed = _block_mask(
+            cache = Cache(layers=[PrefixLayer(keys, values, slots) for keys, values in prefix_kv])
+            allowed = block_mask(
                 torch.from_numpy(segments).to(device),
                 torch.from_numpy(prefix_lengths[row_users]).to(device),
                 prefix_width,
             )
             hidden = decoder(
                 input_ids=torch.from_numpy(input_ids).to(device),
-                attention_mask=_to_model_mask(allowed, implementation, dtype),
+                attention_mask=to_model_mask(allowed, implementation, dtype),
                 position_ids=torch.from_numpy(position_ids).to(device),
                 past_key_values=cache,
                 use_cache=True,

@@ -10,8 +10,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from binllm import sources, storage
-from binllm.config import Config, StorageConfig
+from binllm.config import RunLayout, ScoreConfig, StorageConfig
 from binllm.data.schema import DataError
+from binllm.pipeline.publish import check_dt
 
 
 class InputError(DataError):
@@ -31,12 +32,12 @@ class ScoringInputs:
     history_before: int  # unix seconds; interactions at or after it are not history
 
 
-def resolve_inputs(cfg: Config) -> ScoringInputs:
-    score = cfg.score
-    examples = sources.examples_uri(cfg)
-    codes = sources.codes_uri(cfg)
+def resolve_inputs(score: ScoreConfig, layout: RunLayout) -> ScoringInputs:
+    """The `score` section's inputs and output, defaulting to the run's prepared examples, code tables and
+    <run dir>/scores; the date defaults to today (UTC)."""
+    examples, codes = layout.examples, layout.codes
     dt = score.dt or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
-    storage.check_dt(dt)
+    check_dt(dt)
     if score.history_before:
         cutoff = score.history_before
     else:
@@ -52,7 +53,7 @@ def resolve_inputs(cfg: Config) -> ScoringInputs:
         item_codes=storage.join_uri(codes, "items.parquet"),
         requests=score.requests or None,
         users=score.users or None,
-        output=score.output or storage.join_uri(cfg.run_dir(), "scores"),
+        output=score.output or storage.join_uri(layout.run_dir, "scores"),
         dt=dt,
         history_before=cutoff,
     )

@@ -15,7 +15,11 @@ import logging
 import math
 import time
 
-from binllm.config import Config, ConfigError
+import ray
+import ray.data
+from ray.autoscaler.sdk import request_resources
+
+from binllm.config import ConfigError, ScoreConfig
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +32,10 @@ class PipelineStalled(ConfigError):
     to change (a ConfigError: the job ends with one line and exit code 2)."""
 
 
-def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
-    """Refuses (ConfigError) a scoring actor pool that would leave the read and join tasks no CPU, or that asks
-    for more GPUs than the cluster has. `cluster`: ray.cluster_resources()."""
-    score = cfg.score
+def check_resources(score: ScoreConfig, cluster: dict[str, float]) -> None:
+    """Refuses (ConfigError) a scoring actor pool (score.num_actors x score.cpus_per_actor / gpus_per_actor) that
+    would leave the read and join tasks no CPU, or that asks for more GPUs than the cluster has.
+    `cluster`: ray.cluster_resources()."""
     cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
     want_cpus = score.num_actors * score.cpus_per_actor
     room = cpus - FREE_CPUS
@@ -58,23 +62,18 @@ def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
             f"ask for {want_gpus:g} GPUs; the Ray cluster has {gpus:g}: {fix}")
 
 
-def ensure_resources(cfg: Config, *, joined: bool, poll_s: float = 2.0) -> bool:
+def ensure_resources(score: ScoreConfig, *, joined: bool, poll_s: float = 2.0) -> bool:
     """check_resources against the running cluster. A local Ray (started by this job) cannot grow: refused at
     once. A joined cluster (RAY_ADDRESS: `ray job submit`, KubeRay) may autoscale from zero workers: the pool
     plus one CPU is requested from its autoscaler and the check repeated until it passes or
     score.stall_timeout_s has passed (0: refused at once). Returns whether resources were requested (the caller
     clears the request with `release_resources` once the run is over)."""
-    import ray
-
     try:
-        check_resources(cfg, ray.cluster_resources())
+        check_resources(score, ray.cluster_resources())
         return False
     except ConfigError:
-        if not joined or cfg.score.stall_timeout_s <= 0:
+        if not joined or score.stall_timeout_s <= 0:
             raise
-    from ray.autoscaler.sdk import request_resources
-
-    score = cfg.score
     actor = {k: v for k, v in (("CPU", score.cpus_per_actor), ("GPU", score.gpus_per_actor)) if v > 0}
     request_resources(bundles=([actor] * score.num_actors if actor else []) + [{"CPU": FREE_CPUS}])
     logger.info("the Ray cluster cannot hold %d scoring actors yet: asked its autoscaler, waiting up to %g s "
@@ -83,7 +82,7 @@ def ensure_resources(cfg: Config, *, joined: bool, poll_s: float = 2.0) -> bool:
     while True:
         time.sleep(poll_s)
         try:
-            check_resources(cfg, ray.cluster_resources())
+            check_resources(score, ray.cluster_resources())
             return True
         except ConfigError as exc:
             if time.monotonic() >= deadline:
@@ -94,8 +93,6 @@ def ensure_resources(cfg: Config, *, joined: bool, poll_s: float = 2.0) -> bool:
 
 def release_resources() -> None:
     """Clears this job's request to the autoscaler (see ensure_resources)."""
-    from ray.autoscaler.sdk import request_resources
-
     request_resources(bundles=[])
 
 
@@ -124,8 +121,6 @@ def _stalled_stage(executor) -> str:
 
 def _resources_line() -> str:
     try:
-        import ray
-
         total, free = ray.cluster_resources(), ray.available_resources()
         return (f"; the Ray cluster has {free.get('CPU', 0.0):g} of {total.get('CPU', 0.0):g} CPUs and "
                 f"{free.get('GPU', 0.0):g} of {total.get('GPU', 0.0):g} GPUs free")
@@ -166,8 +161,6 @@ class StallWatchdog(ExecutionCallback):
 def install(timeout_s: float):
     """Registers the watchdog with `timeout_s` on the current DataContext (datasets created afterwards carry
     it); returns a function that puts the context back."""
-    import ray.data
-
     context = ray.data.DataContext.get_current()
     if ExecutionCallback is object or not hasattr(context, "custom_execution_callback_classes"):
         return lambda: None

@@ -1,6 +1,8 @@
 """One recipe per job: each module owns its job's whole story (read inputs, build, run locally or as a
-Ray Train / Ray Data job, publish outputs) with a `setup / run / publish` shape, and names the config
-sections it reads (`SECTIONS`). `jobs/<name>.py` and the `binllm <name>` command only call `main`."""
+Ray Train / Ray Data job, publish outputs) in one `main(cfg)`, and names the config sections it reads
+(`SECTIONS`). A recipe is the only place besides the cli that sees the whole Config: it hands the library's
+parts the sections they use. Recipes never import each other; what several share lives in the library
+(binllm.run_steps, binllm.evaluation). `jobs/<name>.py` and the `binllm <name>` command only call `main`."""
 from __future__ import annotations
 
 import importlib

@@ -12,6 +12,8 @@ finishes, and a rerun of the same run skips the methods already there: the encod
 and the LLM methods on a GPU, and an interrupted run loses one method at most. Report: <run dir>/paper/
 metrics.md, metrics.json, test_scores.parquet, auc_bars.png, valid_auc.png, score_dist.png; the report has AUC
 differences of the pairs the paper orders with paired-bootstrap 95% intervals (`pairs` in metrics.json).
+The MLflow run `<run.name>-paper_table` (binllm.tracking) holds the config, each method's validation curves
+(<method>/<stage>/valid_auc per step), its test metrics (test/<method>/<metric>), the report and the plots.
 
     binllm paper_table --config cluster/presets/paper_ml1m.yaml --config cluster/presets/paper_ml1m_cpu.yaml
     binllm paper_table --config cluster/presets/paper_ml1m.yaml --config cluster/presets/paper_ml1m_gpu.yaml
@@ -31,17 +33,20 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from binllm import sources, storage
-from binllm.config import PAPER_METHODS, Config
+from binllm import sources, storage, tracking
+from binllm.config import PAPER_METHODS, Config, PromptConfig, TuneConfig
 from binllm.data import split_rows
+from binllm.encoder import export_codes, load_encoder, score_pairs, train_encoder
+from binllm.evaluation import llm_logits
 from binllm.metrics import (N_BOOT, PAPER_PAIRS, evaluate_scores, format_pairs, format_report, match_pairs,
                             pairwise_report, report_table)
-from binllm.prompts import build_prompts
-from binllm.recipes.pretrain_encoder import publish_encoder
+from binllm.plots import plot_auc_bars, plot_score_distributions, plot_validation_curves
+from binllm.run_steps import prepare_run, publish_encoder
+from binllm.tune import tune_lora
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("run", "storage", "data", "encoder", "prompt", "llm", "tune", "score", "paper")
+SECTIONS = ("run", "storage", "data", "encoder", "prompt", "llm", "tune", "score", "paper", "tracking")
 PAPER_DIR = "paper"
 METHODS = PAPER_METHODS
 CODE_METHODS = ("IO", "IT", "BinLLM")
@@ -134,30 +139,25 @@ class PaperRun:
         self._to_adapter: dict[str, torch.Tensor] | None = None
 
     def _examples(self) -> tuple[pa.Table, pa.Table]:
-        cfg = self.cfg
-        if storage.exists(storage.join_uri(sources.examples_uri(cfg), "examples.parquet"), cfg.storage):
-            return sources.read_examples(cfg)
-        from binllm.recipes import prepare
-
-        return prepare.main(cfg)
+        layout = self.cfg.layout()
+        if storage.exists(storage.join_uri(layout.examples, "examples.parquet"), layout.storage):
+            return sources.read_examples(layout)
+        return prepare_run(self.cfg.data, layout)
 
     # --- encoders ----------------------------------------------------------------------------------
     def binmf(self):
         if self._binmf is None:
-            from binllm.encoder import load_encoder, train_encoder
-
-            if storage.exists(storage.join_uri(sources.encoder_uri(self.cfg), "encoder.json"), self.cfg.storage):
-                fs, path = storage.filesystem_for(sources.encoder_uri(self.cfg), self.cfg.storage)
+            layout = self.cfg.layout()
+            if storage.exists(storage.join_uri(layout.encoder, "encoder.json"), layout.storage):
+                fs, path = storage.filesystem_for(layout.encoder, layout.storage)
                 self._binmf = load_encoder(path, filesystem=fs)
             else:
                 self._binmf = train_encoder(self.examples, self.cfg.encoder, kind="binary", seed=self.cfg.run.seed)
-                publish_encoder(self.cfg, self._binmf)
+                publish_encoder(layout, self._binmf)
         return self._binmf
 
     def codes(self) -> tuple[pa.Table, pa.Table]:
         if self._codes is None:
-            from binllm.encoder import export_codes
-
             self._codes = export_codes(self.binmf())
         return self._codes
 
@@ -169,8 +169,6 @@ class PaperRun:
         return self._llm_method(spec, started)
 
     def _encoder_method(self, spec: MethodSpec, started: float) -> MethodResult:
-        from binllm.encoder import score_pairs, train_encoder
-
         if spec.method == "MF":
             encoder = train_encoder(self.examples, self.cfg.encoder, kind="mf", seed=self.cfg.run.seed)
         else:
@@ -181,40 +179,38 @@ class PaperRun:
         return MethodResult(spec, np.asarray(logits, np.float32), time.perf_counter() - started, history,
                             {"embedding_rows": [len(encoder.user_ids), len(encoder.item_ids)]})
 
-    def method_config(self, spec: MethodSpec) -> Config:
-        cfg = self.cfg
+    def method_sections(self, spec: MethodSpec) -> tuple[PromptConfig, TuneConfig]:
+        """The prompt and tune sections of an LLM method: one intuitive stage on its prompts (TO: text-only
+        prompts with stage 1's settings)."""
+        prompt, tune = self.cfg.prompt, self.cfg.tune
         if spec.method == "TO":
-            return dataclasses.replace(cfg, prompt=dataclasses.replace(cfg.prompt, kind="text"),
-                                       tune=dataclasses.replace(cfg.tune, mode="intuitive", stage2=cfg.tune.stage1))
+            return (dataclasses.replace(prompt, kind="text"),
+                    dataclasses.replace(tune, mode="intuitive", stage2=tune.stage1))
         kind = "codes" if spec.method == "IO" else "full"
-        return dataclasses.replace(cfg, prompt=dataclasses.replace(cfg.prompt, kind=kind, code_format=spec.code_format),
-                                   tune=dataclasses.replace(cfg.tune, mode="intuitive"))
+        return (dataclasses.replace(prompt, kind=kind, code_format=spec.code_format),
+                dataclasses.replace(tune, mode="intuitive"))
 
     def _llm_method(self, spec: MethodSpec, started: float) -> MethodResult:
-        from binllm.llm import autocast_dtype, score_prompts
-        from binllm.tune import tune_lora
-
-        cfg = self.method_config(spec)
+        cfg = self.cfg
+        prompt, tune = self.method_sections(spec)
         initial, earlier_stages = None, []
         if spec.method == "BinLLM":
             initial = self.to_adapter()
             earlier_stages = self.finished[MethodSpec("TO")].stages
         user_codes, item_codes = self.codes() if spec.method != "TO" else (None, None)
-        model, tokenizer = sources.load_base_model(cfg, device=self.device)
-        tuned = tune_lora(self.examples, self.items, user_codes, item_codes, cfg, model=model, tokenizer=tokenizer,
-                          initial_adapter=initial)
+        model, tokenizer = sources.load_base_model(cfg.llm, cfg.storage, device=self.device)
+        tuned = tune_lora(self.examples, self.items, user_codes, item_codes, tune=tune, prompt=prompt, llm=cfg.llm,
+                          seed=cfg.run.seed, model=model, tokenizer=tokenizer, initial_adapter=initial)
         if spec.method == "TO":
             self._save_to_adapter(tuned.adapter_state)
-        prompts = build_prompts(self.test, self.items, user_codes, item_codes, cfg.prompt, tokenizer=tokenizer)
-        logits = score_prompts(tuned.model, tokenizer, prompts.prefix, prompts.suffix, answer_id=tuned.answer,
-                               shared_prefix=cfg.score.shared_prefix, max_batch_tokens=cfg.score.max_batch_tokens,
-                               autocast=autocast_dtype(cfg.score.autocast))
+        logits, fallbacks = llm_logits(self.test, self.items, user_codes, item_codes, prompt=prompt, llm=cfg.llm,
+                                       score=cfg.score, model=tuned.model, tokenizer=tokenizer)
         stages = [dataclasses.asdict(s) for s in tuned.stages]
         if spec.method == "TO":
             stages = [{**s, "name": "stage1"} for s in stages]  # TO is BinLLM's stage 1
         if spec.method == "BinLLM":
             stages = earlier_stages + stages
-        notes = {"text_only_fallbacks": int(prompts.fallback.sum()), "answer": dataclasses.asdict(tuned.answer)}
+        notes = {"text_only_fallbacks": fallbacks, "answer": dataclasses.asdict(tuned.answer)}
         del model, tuned
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -250,15 +246,34 @@ class PaperTable:
 
 
 def run_paper_table(cfg: Config, device: str | None = None) -> PaperTable:
-    """Runs (or resumes) every configured method, then writes the report (see `write_report`)."""
-    return publish(cfg, run(cfg, setup(cfg, device)))
+    """Runs (or resumes) every configured method, then writes the report (see `write_report`); one MLflow run."""
+    with tracking.job_run(cfg.tracking, cfg.run.output_root, run_name=cfg.run.name, job="paper_table",
+                          params=cfg.to_dict()) as tracked:
+        table = _run_methods(cfg, PaperRun(cfg, device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        write_report(cfg, table)
+        record_table(tracked, cfg, table)
+    print(table.text)
+    print(f"\nreport: {paper_uri(cfg, 'metrics.md')} ({table.seconds:.0f} s)")
+    return table
 
 
-def setup(cfg: Config, device: str | None = None) -> PaperRun:
-    return PaperRun(cfg, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def main(cfg: Config) -> PaperTable:
+    return run_paper_table(cfg)
 
 
-def run(cfg: Config, paper: PaperRun) -> PaperTable:
+def record_table(tracked: tracking.JobRun, cfg: Config, table: PaperTable) -> None:
+    """Each method's validation curves and best AUC per stage, its seconds, its test metrics, the report and plots."""
+    for result in table.results:
+        for stage in result.stages:
+            tracked.log_history(tracking.metric_key(result.spec.slug, stage["name"]), stage["history"])
+            tracked.log_metrics({tracking.metric_key(result.spec.slug, stage["name"], "best_auc"): stage["best_auc"]})
+        tracked.log_metrics({tracking.metric_key(result.spec.slug, "seconds"): result.seconds})
+    tracked.log_report(table.metrics.to_pylist())
+    names = ("metrics.md", "metrics.json", "auc_bars.png", "valid_auc.png", "score_dist.png")
+    tracked.log_files([paper_uri(cfg, name) for name in names], PAPER_DIR, cfg.storage)
+
+
+def _run_methods(cfg: Config, paper: PaperRun) -> PaperTable:
     started = time.perf_counter()
     device = paper.device
     specs = method_specs(cfg.paper.methods, cfg.paper.code_formats)
@@ -292,17 +307,6 @@ def run(cfg: Config, paper: PaperRun) -> PaperTable:
     return PaperTable(metrics, results, paper.test, text, time.perf_counter() - started, skipped, device, pairs)
 
 
-def publish(cfg: Config, table: PaperTable) -> PaperTable:
-    write_report(cfg, table)
-    print(table.text)
-    print(f"\nreport: {paper_uri(cfg, 'metrics.md')} ({table.seconds:.0f} s)")
-    return table
-
-
-def main(cfg: Config) -> PaperTable:
-    return run_paper_table(cfg)
-
-
 def _profile_notes(cfg: Config, test: pa.Table) -> list[str]:
     notes = []
     for name, stage in (("stage 1 (TO)", cfg.tune.stage1), ("stage 2 (IO, IT, BinLLM)", cfg.tune.stage2)):
@@ -320,8 +324,6 @@ def _profile_notes(cfg: Config, test: pa.Table) -> list[str]:
 
 def write_report(cfg: Config, table: PaperTable) -> None:
     """<run dir>/paper/: metrics.md, metrics.json, test_scores.parquet and the PNG plots."""
-    from binllm.plots import plot_auc_bars, plot_score_distributions, plot_validation_curves
-
     test = table.test
     methods = [r.spec.name for r in table.results]
     scores = pa.concat_tables([

@@ -78,57 +78,14 @@ def run_training(
     batches(epoch) yields this rank's micro-batches; loss_fn(model, batch, epoch) returns the loss;
     evaluate() returns metrics with "auc" over all ranks' rows.
     """
-    state = LoopState()
     restored = backend.load_checkpoint()
-    resumed_from = None
+    state = LoopState(**restored) if restored is not None else LoopState()
+    resumed_from = state.step if restored is not None else None
     if restored is not None:
-        state = LoopState(**restored)
-        resumed_from = state.step
         log.info("resumed from checkpoint at step %d (epoch %d)", state.step, state.epoch)
 
-    def validate(at_cap: bool = False) -> bool:
-        """Returns True when training should stop; the checkpoint records it, so a resumed run stops too."""
-        model.eval()
-        with torch.no_grad():
-            metrics = evaluate()
-        model.train()
-        if not all(math.isfinite(float(v)) for k, v in metrics.items() if k == "loss"):
-            raise TrainingDiverged(f"validation loss is {metrics['loss']} at step {state.step}: the model "
-                                   "diverged (lower the learning rate) or a kernel produced NaN")
-        auc = float(metrics["auc"])
-        state.history.append({"step": state.step, **{k: float(v) for k, v in metrics.items()}})
-        state.evaluated_at = state.step
-        improved = auc > state.best_auc
-        if improved:
-            state.best_auc, state.bad_evals = auc, 0
-            state.best_state = backend.trainable_state(model)
-        else:
-            state.bad_evals += 1
-        state.stopped = bool(at_cap or state.bad_evals >= settings.patience)
-        if backend.is_main:
-            log.log(logging.INFO if improved or state.stopped else logging.DEBUG,
-                    "step %d: validation %s (best auc %.4f)%s", state.step,
-                    " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), state.best_auc,
-                    ", stopping" if state.stopped else "")
-        backend.save_checkpoint(state.to_dict(), {"step": state.step, **metrics, "best_auc": state.best_auc})
-        return state.stopped
-
-    progress = {"last": time.monotonic(), "loss": None, "count": 0}
-
-    def report_progress(loss: torch.Tensor) -> None:
-        detached = loss.detach().float()
-        progress["loss"] = detached if progress["loss"] is None else progress["loss"] + detached
-        progress["count"] += 1
-        now = time.monotonic()
-        if now - progress["last"] >= settings.log_every_s:
-            mean = progress["loss"].item() / progress["count"]
-            if not math.isfinite(mean):
-                raise TrainingDiverged(f"training loss is {mean} in the micro-batches before step {state.step}")
-            if backend.is_main:
-                log.info("epoch %d, step %d: mean loss %.4f over the last %d micro-batches", state.epoch,
-                         state.step, mean, progress["count"])
-            progress.update(last=now, loss=None, count=0)
-
+    validate = _Validation(backend, model, evaluate, settings, state)
+    report_progress = _LossLog(backend, settings, state)
     stopped = state.stopped
     # A progress bar on a terminal (off in logs and on ranks other than 0); log lines every log_every_s.
     bar = tqdm(desc="training", unit="step", initial=state.step, total=settings.max_steps or None, leave=False,
@@ -165,3 +122,61 @@ def run_training(
         best_auc=state.best_auc, best_state=state.best_state, steps=state.step, epochs=state.epoch,
         stopped_early=stopped, history=state.history, resumed_from_step=resumed_from,
     )
+
+
+class _Validation:
+    """One validation: metrics into the history, the best state kept, patience counted, a checkpoint saved.
+    Calling it returns True when training should stop; the checkpoint records that, so a resumed run stops too."""
+
+    def __init__(self, backend: Backend, model: torch.nn.Module, evaluate: Callable[[], dict[str, float]],
+                 settings: LoopSettings, state: LoopState):
+        self.backend, self.model, self.evaluate, self.settings, self.state = backend, model, evaluate, settings, state
+
+    def __call__(self, at_cap: bool = False) -> bool:
+        state, backend = self.state, self.backend
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.evaluate()
+        self.model.train()
+        if not all(math.isfinite(float(v)) for k, v in metrics.items() if k == "loss"):
+            raise TrainingDiverged(f"validation loss is {metrics['loss']} at step {state.step}: the model "
+                                   "diverged (lower the learning rate) or a kernel produced NaN")
+        auc = float(metrics["auc"])
+        state.history.append({"step": state.step, **{k: float(v) for k, v in metrics.items()}})
+        state.evaluated_at = state.step
+        improved = auc > state.best_auc
+        if improved:
+            state.best_auc, state.bad_evals = auc, 0
+            state.best_state = backend.trainable_state(self.model)
+        else:
+            state.bad_evals += 1
+        state.stopped = bool(at_cap or state.bad_evals >= self.settings.patience)
+        if backend.is_main:
+            log.log(logging.INFO if improved or state.stopped else logging.DEBUG,
+                    "step %d: validation %s (best auc %.4f)%s", state.step,
+                    " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), state.best_auc,
+                    ", stopping" if state.stopped else "")
+        backend.save_checkpoint(state.to_dict(), {"step": state.step, **metrics, "best_auc": state.best_auc})
+        return state.stopped
+
+
+class _LossLog:
+    """The mean training loss logged every settings.log_every_s; a non-finite mean stops training."""
+
+    def __init__(self, backend: Backend, settings: LoopSettings, state: LoopState):
+        self.backend, self.settings, self.state = backend, settings, state
+        self.last, self.loss, self.count = time.monotonic(), None, 0
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        detached = loss.detach().float()
+        self.loss = detached if self.loss is None else self.loss + detached
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.settings.log_every_s:
+            mean = self.loss.item() / self.count
+            if not math.isfinite(mean):
+                raise TrainingDiverged(f"training loss is {mean} in the micro-batches before step {self.state.step}")
+            if self.backend.is_main:
+                log.info("epoch %d, step %d: mean loss %.4f over the last %d micro-batches", self.state.epoch,
+                         self.state.step, mean, self.count)
+            self.last, self.loss, self.count = now, None, 0

@@ -15,13 +15,14 @@ error itself, so the job ends with the same one line and exit code 2 as an error
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import os
 from typing import Any, Callable
 
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
+
 from binllm import storage
-from binllm.config import Config, ConfigError
+from binllm.config import ConfigError, DistributedConfig, RunConfig, StorageConfig
 from binllm.data.schema import DataError
 from binllm.ray_env import init_ray
 
@@ -40,109 +41,73 @@ def user_error(error: BaseException) -> BaseException | None:
     return None
 
 
-def ray_storage(cfg: Config) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for RunConfig: a local folder, or a bucket path + S3 filesystem."""
-    uri = cfg.distributed.storage_path or storage.join_uri(cfg.run.output_root, "ray_train")
-    filesystem, path = storage.filesystem_for(uri, cfg.storage)
+def ray_storage(run: RunConfig, distributed: DistributedConfig, storage_cfg: StorageConfig) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig: distributed.storage_path (default
+    <output_root>/ray_train) as a local folder, or a bucket path + S3 filesystem."""
+    uri = distributed.storage_path or storage.join_uri(run.output_root, "ray_train")
+    filesystem, path = storage.filesystem_for(uri, storage_cfg)
     return (path, filesystem) if storage.is_s3(uri) else (path, None)
 
 
 JOBS = ("encoder", "lora")  # the training jobs, each one Ray Train run per run.name
 
 
-def ray_train_name(cfg: Config, job: str) -> str:
+def ray_train_name(run_name: str, job: str) -> str:
     """The Ray Train run of `job` in this run: `<run.name>-<job>`, one folder under the Ray Train storage
     (a name with '/' would nest folders, which Ray Train's Result.from_path does not read back)."""
     if job not in JOBS:
         raise ValueError(f"unknown training job {job!r}; expected one of {list(JOBS)}")
-    return f"{cfg.run.name}-{job}"
+    return f"{run_name}-{job}"
 
 
-@functools.cache
-def _classes():
-    """(failure policy, trainer): Ray Train's default policy except that the user's errors are not retried, and
-    a TorchTrainer that runs with it and whose fit() raises such an error itself (not Ray Train's
-    WorkerGroupError around it). Built on first use, so that importing this module does not import Ray Train."""
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
+class UserErrorsNotRetried(DefaultFailurePolicy):
+    """Ray Train's default failure policy, except that the user's errors (USER_ERRORS) are not retried."""
 
-    class UserErrorsNotRetried(DefaultFailurePolicy):
-        def _is_retryable_error(self, training_failed_error) -> bool:
-            if user_error(training_failed_error) is not None:
-                return False
-            return super()._is_retryable_error(training_failed_error)
-
-    class Trainer(TorchTrainer):
-        def _initialize_and_run_controller(self, **controller_init_kwargs):
-            if "failure_policy" in controller_init_kwargs:
-                controller_init_kwargs["failure_policy"] = UserErrorsNotRetried(self.run_config.failure_config)
-            return super()._initialize_and_run_controller(**controller_init_kwargs)
-
-        def fit(self):
-            try:
-                return super().fit()
-            except Exception as exc:
-                mine = user_error(exc)
-                if mine is None:
-                    raise
-                raise mine from None
-
-    return UserErrorsNotRetried, Trainer
+    def _is_retryable_error(self, training_failed_error) -> bool:
+        if user_error(training_failed_error) is not None:
+            return False
+        return super()._is_retryable_error(training_failed_error)
 
 
-def failure_policy(failure_config):
-    """The failure policy every binllm Ray Train run uses (see _classes)."""
-    return _classes()[0](failure_config)
+class Trainer(TorchTrainer):
+    """A TorchTrainer that runs with UserErrorsNotRetried and whose fit() raises the user's error itself (not
+    Ray Train's WorkerGroupError around it)."""
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        if "failure_policy" in controller_init_kwargs:
+            controller_init_kwargs["failure_policy"] = UserErrorsNotRetried(self.run_config.failure_config)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    def fit(self):
+        try:
+            return super().fit()
+        except Exception as exc:
+            mine = user_error(exc)
+            if mine is None:
+                raise
+            raise mine from None
 
 
-def _absolute(location: str) -> str:
-    """A relative local path made absolute against the driver's working directory; URIs and the demo model
-    unchanged."""
-    if not location or "://" in location or location.startswith("demo:") or os.path.isabs(location):
-        return location
-    return os.path.abspath(location)
-
-
-def with_absolute_paths(cfg: Config) -> Config:
-    """`cfg` with its relative local paths made absolute: Ray Train workers run in their own working directory
-    (the trial folder), where `runs/<name>/examples` would not be found."""
-    return dataclasses.replace(
-        cfg,
-        run=dataclasses.replace(cfg.run, output_root=_absolute(cfg.run.output_root)),
-        data=dataclasses.replace(cfg.data, path=_absolute(cfg.data.path), interactions=_absolute(cfg.data.interactions),
-                                 items=_absolute(cfg.data.items), examples=_absolute(cfg.data.examples)),
-        encoder=dataclasses.replace(cfg.encoder, codes=_absolute(cfg.encoder.codes)),
-        llm=dataclasses.replace(cfg.llm, model=_absolute(cfg.llm.model)),
-        tune=dataclasses.replace(cfg.tune, adapter=_absolute(cfg.tune.adapter)),
-        distributed=dataclasses.replace(cfg.distributed, storage_path=_absolute(cfg.distributed.storage_path)),
-    )
-
-
-def build_trainer(worker: Callable[[dict], None], cfg: Config, job: str, **loop_config: Any):
-    """A TorchTrainer running `worker({"cfg": cfg, **loop_config})` on cfg.distributed's workers, on the
-    Ray cluster of RAY_ADDRESS or a local Ray started here, as the Ray Train run `ray_train_name(cfg, job)`.
-    A DataError or ConfigError in a worker is not retried; fit() raises it as it is."""
+def build_trainer(worker: Callable[[dict], None], loop_config: dict[str, Any], *, job: str, run: RunConfig,
+                  distributed: DistributedConfig, storage_cfg: StorageConfig) -> Trainer:
+    """A Trainer running `worker(loop_config)` on distributed's workers, on the Ray cluster of RAY_ADDRESS or a
+    local Ray started here, as the Ray Train run `ray_train_name(run.name, job)` under `ray_storage`. Workers run
+    in their own working directory: paths in loop_config and run.output_root must be absolute
+    (Config.with_absolute_paths). A DataError or ConfigError in a worker is not retried; fit() raises it as it is."""
     init_ray()
-    import ray.train
-    from ray.train.torch import TorchConfig
-
-    cfg = with_absolute_paths(cfg)
-
-    _, TorchTrainer = _classes()
-
-    dist = cfg.distributed
+    dist = distributed
     resources = {"CPU": dist.cpus_per_worker}
     if dist.use_gpu:
         resources["GPU"] = dist.gpus_per_worker
-    storage_path, storage_filesystem = ray_storage(cfg)
-    return TorchTrainer(
+    storage_path, storage_filesystem = ray_storage(run, distributed, storage_cfg)
+    return Trainer(
         worker,
-        train_loop_config={"cfg": cfg, **loop_config},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=ray_train_name(cfg, job), storage_path=storage_path, storage_filesystem=storage_filesystem,
+            name=ray_train_name(run.name, job), storage_path=storage_path, storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=dist.num_to_keep,
                                                          checkpoint_score_attribute="auc",
                                                          checkpoint_score_order="max"),

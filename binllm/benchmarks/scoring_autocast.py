@@ -1,9 +1,9 @@
 """LLM scoring in float32 against bf16 autocast over the same float32 weights (score.autocast), one run.
 
-    python -m jobs.bench.scoring_autocast --model ~/.cache/binllm/models/SmolLM2-135M-Instruct
-    python -m jobs.bench.scoring_autocast --model <folder> --adapter runs/<run>/adapter --rows 400
+    python -m jobs.benchmark_scoring_autocast --model ~/.cache/binllm/models/SmolLM2-135M-Instruct
+    python -m jobs.benchmark_scoring_autocast --model <folder> --adapter runs/<run>/adapter --rows 400
 
-Synthetic test rows (jobs.bench.training: 10 history titles, random binary codes) as full prompts, scored
+Synthetic test rows (binllm.benchmarks.synthetic: 10 history titles, random binary codes) as full prompts, scored
 by the shared-prefix scorer in float32, then under bf16 autocast, then in float32 again (so that a warming
 machine does not favour the second path); prints rows/s of each, the speed ratio, and how the autocast scores
 rank against float32 (Spearman; with --adapter, the tuned model's scores).
@@ -16,11 +16,11 @@ import time
 import numpy as np
 import torch
 
+from binllm.benchmarks.synthetic import synthetic_tables
 from binllm.config import load_config
 from binllm.llm import answer_tokens, load_adapter, load_causal_lm, score_prompts
 from binllm.prompts import build_prompts
 from binllm.tune import split_rows
-from jobs.bench.training import random_codes, synthetic_examples
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -34,9 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=96)
     args = parser.parse_args(argv)
     cfg = load_config(None, ["prompt.code_format=binary"])
-    examples, items = synthetic_examples(200, 400, 2000, 10, 0)
-    user_codes = random_codes([f"u{k}" for k in range(200)], 1)
-    item_codes = random_codes([f"i{k}" for k in range(400)], 2)
+    examples, items, user_codes, item_codes = synthetic_tables(200, 400, 2000, 10, 0)
     model, tokenizer = load_causal_lm(args.model, dtype="float32")
     if args.adapter:
         model = load_adapter(model, args.adapter)
@@ -59,6 +57,3 @@ def main(argv: list[str] | None = None) -> None:
           f"{np.abs(scores['bf16 autocast'] - scores['float32']).max():.4f}, score spread (std) "
           f"{scores['float32'].std():.4f}")
 
-
-if __name__ == "__main__":
-    main()

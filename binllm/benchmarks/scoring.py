@@ -1,8 +1,11 @@
-"""Full-prompt vs shared-prefix scoring at real model shapes with random weights (jobs.benchmark_scoring).
+"""Full-prompt vs shared-prefix scoring at real model shapes with random weights.
 
-Token ids are synthetic, of the lengths a BinLLM prompt has with the digit-per-token tokenizers (LLaMA,
-SmolLM2): binary codes cost 33 tokens, dotted codes 15, so a dotted prompt is 18 tokens shorter in the
-prefix (user code) and 18 in the suffix (item code). One JSON line per case.
+    python -m jobs.benchmark_scoring [--device cpu|cuda] [--cases NAME,NAME,...] [--list]
+
+Prints one JSON line per case. Token ids are synthetic, of the lengths a BinLLM prompt has with the
+digit-per-token tokenizers (LLaMA, SmolLM2): binary codes cost 33 tokens, dotted codes 15, so a
+dotted prompt is 18 tokens shorter in the prefix (user code) and 18 in the suffix (item code).
+Results: docs/scoring_benchmark.md.
 """
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from binllm.benchmarks.shapes import SHAPES
 from binllm.llm.scoring import DEFAULT_MAX_ROW_TOKENS, score_encoded
 from binllm.llm.tokens import EncodedPrompts
-from jobs.bench.shapes import SHAPES
 
 
 BINARY_PREFIX, BINARY_SUFFIX = 161, 41  # reference prompt lengths with 32-bit binary codes
@@ -218,8 +221,8 @@ def run_case(case: Case, args, peak_flops: float, dtype: torch.dtype) -> dict:
     }
 
 
-def main(argv: list[str] | None = None, description: str | None = None) -> None:
-    parser = argparse.ArgumentParser(description=description or __doc__,
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--cases", help="comma-separated case names (default: the device's preset list)")

@@ -1,14 +1,14 @@
 """Shared-prefix vs full-prompt LoRA tuning steps, measured in one run on the same micro-batches.
 
-    python -m jobs.bench.shared_prefix_training --shape smollm2-135m --steps 6
-    python -m jobs.bench.shared_prefix_training --set tune.stage2.micro_batch_tokens=4096 --set tune.autocast=bfloat16
+    python -m jobs.benchmark_shared_prefix_training --shape smollm2-135m --steps 6
+    python -m jobs.benchmark_shared_prefix_training --set tune.stage2.micro_batch_tokens=4096 --set tune.autocast=bfloat16
 
-Synthetic examples (jobs.bench.training: a user's rows share their prefix until the user's history
+Synthetic examples (binllm.benchmarks.synthetic: a user's rows share their prefix until the user's history
 changes; --train-rows of them, a seeded sample, set how often), full prompts with --history titles, random
 codes, a random-weight LLM of the named shape, LoRA per tune.lora. The training rows are planned once by
 shared_prefix_micro_batches (tune.stage2.micro_batch_size rows, or micro_batch_tokens); each of the first
 --steps micro-batches (after one untimed warm-up) takes an AdamW step with the full-prompt loss and one
-with the shared-prefix loss, alternately, through the tuning code's own loss (binllm.tune._StageTask).
+with the shared-prefix loss, alternately, through the tuning code's own loss (binllm.tune.StageTask).
 Both paths train the same rows and prompt tokens, so their tokens/s and rows/s ratios are the same.
 
 Measured on the 2-core build machine (busy with other jobs; `--threads 1`, defaults otherwise: 6 micro-batches
@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from binllm.benchmarks.shapes import SHAPES
+from binllm.benchmarks.synthetic import random_llm_folder, synthetic_tables
 from binllm.config import load_config
 from binllm.llm import answer_tokens, apply_lora, load_causal_lm
 from binllm.train.backend import LocalBackend
-from binllm.tune import _StageTask, shared_prefix_micro_batches, split_rows, tokenize_rows
-from jobs.bench.shapes import SHAPES
-from jobs.bench.training import random_codes, random_llm_folder, synthetic_examples
+from binllm.train.micro_batches import shared_prefix_micro_batches
+from binllm.tune import StageTask, split_rows, tokenize_rows
 
 PATHS = ("full", "shared")
 
@@ -57,14 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = load_config(args.config, ["tune.mode=intuitive", f"data.history_len={args.history}", *args.overrides])
     stage, seed = cfg.tune.stage2, cfg.run.seed
-    examples, items = synthetic_examples(200, 400, 2000, args.history, seed)
-    user_codes = random_codes([f"u{k}" for k in range(200)], 1)
-    item_codes = random_codes([f"i{k}" for k in range(400)], 2)
+    examples, items, user_codes, item_codes = synthetic_tables(200, 400, 2000, args.history, seed)
     with tempfile.TemporaryDirectory(prefix="binllm-bench-") as work:
         model, tokenizer = load_causal_lm(random_llm_folder(Path(work, "model"), args.shape), dtype=cfg.llm.dtype,
                                           device=device)
     train, prompt = tokenize_rows(split_rows(examples, "train", args.train_rows, seed), items, user_codes, item_codes,
-                                  cfg, "full", tokenizer)
+                                  cfg.prompt, "full", tokenizer)
     answer = answer_tokens(tokenizer, prompt, cfg.llm.answer, cfg.llm.negative_answer)
     lora = cfg.tune.lora
     torch.manual_seed(seed)
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stage.lr)
     autocast = torch.bfloat16 if cfg.tune.autocast == "bfloat16" else None
     backend = LocalBackend(device)
-    tasks = {path: _StageTask(backend, train, train, stage, answer, tokenizer.pad_token_id, seed, autocast,
+    tasks = {path: StageTask(backend, train, train, stage, answer, tokenizer.pad_token_id, seed, autocast,
                               shared_prefix=path == "shared") for path in PATHS}
     plan = shared_prefix_micro_batches(train.prefix_of_row, train.prefix_lengths, train.lengths, 1, seed, 0,
                                        micro_batch_size=stage.micro_batch_size,
@@ -105,6 +104,3 @@ def main(argv: list[str] | None = None) -> None:
               f"({seconds[path]:.1f} s; computed {task.train_tokens:,} tokens, {task.padded_tokens:,} with padding)")
     print(f"  shared / full: {seconds['full'] / seconds['shared']:.2f}x rows/s and prompt tokens/s")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,11 +1,11 @@
 """LoRA tuning speed with a frozen-trunk cache against today's paths, in one run on the same micro-batches.
 
-    python -m jobs.bench.trunk_cache_training --model ~/.cache/binllm/models/SmolLM2-135M-Instruct
-    python -m jobs.bench.trunk_cache_training --shape smollm2-135m --top-layers 4 8 --steps 4
+    python -m jobs.benchmark_trunk_cache_training --model ~/.cache/binllm/models/SmolLM2-135M-Instruct
+    python -m jobs.benchmark_trunk_cache_training --shape smollm2-135m --top-layers 4 8 --steps 4
 
-Synthetic examples (jobs.bench.training) as full prompts with binary codes and --history titles, the LLM of
+Synthetic examples (binllm.benchmarks.synthetic) as full prompts with binary codes and --history titles, the LLM of
 --model (or a random one of --shape), bf16 autocast as the demo tunes. Paths, each an AdamW step per
-micro-batch of tune.stage2.micro_batch_size rows through the tuning code's own loss (binllm.tune._StageTask):
+micro-batch of tune.stage2.micro_batch_size rows through the tuning code's own loss (binllm.tune.StageTask):
 - every: LoRA on every layer (the demo before this change);
 - top N: LoRA on the last N layers, no cache;
 - top N cached, epoch 1: the same with tune.cache_trunk, each prompt's trunk computed in the step;
@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from binllm.benchmarks.shapes import SHAPES
+from binllm.benchmarks.synthetic import random_llm_folder, synthetic_tables
 from binllm.config import load_config
 from binllm.llm import answer_tokens, apply_lora, load_causal_lm
 from binllm.llm.trunk import TrunkCache
 from binllm.train.backend import LocalBackend
-from binllm.tune import _StageTask, split_rows, tokenize_rows, train_micro_batches
-from jobs.bench.shapes import SHAPES
-from jobs.bench.training import random_codes, random_llm_folder, synthetic_examples
+from binllm.train.micro_batches import train_micro_batches
+from binllm.tune import StageTask, split_rows, tokenize_rows
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +53,7 @@ def _model(args, cfg, top_layers: int, work: str):
     return model, tokenizer
 
 
-def _timed(task: _StageTask, model, batches: list[np.ndarray]) -> float:
+def _timed(task: StageTask, model, batches: list[np.ndarray]) -> float:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     seconds = 0.0
     for index, rows in enumerate(batches):
@@ -70,22 +71,20 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(None, ["tune.mode=intuitive", f"data.history_len={args.history}", "prompt.code_format=binary",
                              "tune.autocast=bfloat16", "tune.stage2.micro_batch_size=16", *args.overrides])
     stage, seed = cfg.tune.stage2, cfg.run.seed
-    examples, items = synthetic_examples(200, 400, 2000, args.history, seed)
-    user_codes = random_codes([f"u{k}" for k in range(200)], 1)
-    item_codes = random_codes([f"i{k}" for k in range(400)], 2)
+    examples, items, user_codes, item_codes = synthetic_tables(200, 400, 2000, args.history, seed)
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="binllm-bench-") as work:
         model, tokenizer = _model(args, cfg, 0, work)
-        train, prompt = tokenize_rows(split_rows(examples, "train", 0, seed), items, user_codes, item_codes, cfg,
-                                      "full", tokenizer)
+        train, prompt = tokenize_rows(split_rows(examples, "train", 0, seed), items, user_codes, item_codes,
+                                      cfg.prompt, "full", tokenizer)
         answer = answer_tokens(tokenizer, prompt, cfg.llm.answer, cfg.llm.negative_answer)
         backend = LocalBackend(torch.device("cpu"))
         batches = train_micro_batches(train.lengths, backend, stage.micro_batch_size, 1, seed, 0)[: args.steps + 1]
         rows = sum(len(b) for b in batches[1:])
         tokens = sum(int(train.lengths[b].sum()) for b in batches[1:])
 
-        def task(trunks=None) -> _StageTask:
-            return _StageTask(backend, train, train, stage, answer, tokenizer.pad_token_id, seed, torch.bfloat16,
+        def task(trunks=None) -> StageTask:
+            return StageTask(backend, train, train, stage, answer, tokenizer.pad_token_id, seed, torch.bfloat16,
                               trunks=trunks)
 
         results["every"] = _timed(task(), model, batches)
@@ -102,6 +101,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:24s} {rows / seconds:6.2f} prompts/s  {tokens / seconds:7,.0f} tokens/s  "
               f"{results['every'] / seconds:5.2f}x")
 
-
-if __name__ == "__main__":
-    main()

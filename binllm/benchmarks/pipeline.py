@@ -20,6 +20,7 @@ loopback_ray_env()  # before anything imports ray
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 import torch
 
 from binllm import codes, storage
@@ -27,6 +28,8 @@ from binllm.candidates import SeenItems, top_k_hamming
 from binllm.config import load_config
 from binllm.llm import answer_tokens, apply_lora, build_tiny_llm, load_causal_lm, save_adapter, score_prompts
 from binllm.pipeline.pairs import attach_histories, user_histories
+from binllm.pipeline.publish import read_partition
+from binllm.pipeline.run import ScoringJob, run_scoring
 from binllm.pipeline.scorer import load_scoring_model
 from binllm.prompts import build_prompts
 
@@ -79,7 +82,8 @@ def write_inputs(root: Path, model_dir: Path, n_users: int, n_items: int, candid
 
 def plain_loop(cfg, root: Path, requests: pa.Table, batch_size: int) -> tuple[float, np.ndarray]:
     """The same work without Ray: histories, prompts, then score_prompts batch by batch."""
-    model, tokenizer = load_scoring_model(cfg, str(root / "adapter"), "cpu")
+    model, tokenizer = load_scoring_model(cfg.llm, cfg.storage, str(root / "adapter"), dtype=cfg.score.dtype,
+                                          device="cpu")
     start = time.perf_counter()
     log = storage.read_table(str(root / "examples" / "examples.parquet"))
     log = log.append_column("positive", pc.equal(log["label"], 1))
@@ -100,10 +104,6 @@ def plain_loop(cfg, root: Path, requests: pa.Table, batch_size: int) -> tuple[fl
 
 
 def bench_pipeline(args) -> list[dict]:
-    import ray
-
-    from binllm.pipeline import run_scoring
-
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -127,12 +127,15 @@ def bench_pipeline(args) -> list[dict]:
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             for attempt in range(args.repeats):
-                summary = run_scoring(cfg)
+                summary = run_scoring(ScoringJob(
+                    score=cfg.score, llm=cfg.llm, prompt=cfg.prompt, history_len=cfg.data.history_len,
+                    min_rating=cfg.data.min_rating, run_name=cfg.run.name, layout=cfg.layout(),
+                    config_record=cfg.to_dict()))
                 out.append({"bench": "pipeline", "attempt": attempt, "pairs": summary.rows_out,
                             "threads": args.threads, "seconds": round(summary.seconds, 2),
                             "pairs_per_s": round(summary.pairs_per_s, 1),
                             "overhead_vs_loop": round(summary.seconds / loop_s, 2)})
-            scored = storage.read_partition(cfg.score.output or f"{root}/bench/scores", DT)
+            scored = read_partition(cfg.score.output or f"{root}/bench/scores", DT)
             diff = np.abs(np.sort(scored["logit"].to_numpy()) - np.sort(loop_logits))
             out[-1]["max_abs_diff_vs_loop"] = float(diff.max())  # same multiset of logits
         finally:

@@ -1,23 +1,42 @@
-"""The prepared GPU check (jobs.gpu_check): exactness of both scoring paths against a float32 reference,
-scoring speed at real shapes (jobs.bench.scoring), and one-process LoRA tuning speed (jobs.bench.training).
+"""The prepared GPU check: exactness of both scoring paths against a float32 reference, scoring speed at
+real shapes (binllm.benchmarks.scoring), and one-process LoRA tuning speed (binllm.benchmarks.throughput).
 One JSON line per figure; a section that fails prints an {"section": ..., "error": ...} line and the others
 still run.
+
+    python -m jobs.gpu_check --model <HF folder> --examples runs/paper-ml1m        # on one GPU
+    python -m jobs.gpu_check --device cpu --model <tiny folder> --sections exactness  # the tool on CPU
+
+exactness: 256 users x 20 candidates (real histories, titles and codes from a prepared run, or synthetic
+prompts without --examples), scored by the full-prompt and the shared-prefix path in the model's compute
+dtype, against the full path in float32 with TF32 off (the reference). For each variant: max and mean
+absolute error, Pearson r, and the mean per-user Spearman rank correlation against the reference.
+The "bf16 head" variants reproduce the old scorer, which projected onto the answer row in bf16.
+Results: docs/gpu_check.md.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import os
 import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
+
+from binllm import sources
+from binllm.benchmarks import scoring
+from binllm.benchmarks.synthetic import random_llm_folder, write_synthetic_inputs
+from binllm.benchmarks.throughput import tune_locally
+from binllm.codes import code_table
+from binllm.config import PromptConfig, RunLayout, load_config
+from binllm.llm import answer_tokens, forward, load_causal_lm, score_prompts
+from binllm.prompts import build_prompts
 
 SECTIONS = ("exactness", "scoring", "tuning")
 
@@ -52,20 +71,20 @@ def compare(name: str, scores: np.ndarray, reference: np.ndarray, groups: np.nda
             "reference_spread": float(reference.std())}
 
 
+def run_layout(run_dir: str) -> RunLayout:
+    """The standard places (examples/, codes/) of a prepared run folder."""
+    path = Path(run_dir).resolve()
+    return load_config(None, [f"run.output_root={path.parent}", f"run.name={path.name}"]).layout()
+
+
 def exactness_prompts(examples_dir: str | None, users: int, candidates: int, seed: int = 0):
     """(prefixes, suffixes, user index per pair) of users x candidates full prompts with dotted codes:
     test users' real histories, titles and codes from a prepared run, or synthetic ones."""
-    from binllm.codes import code_table
-    from binllm.config import PromptConfig
-    from binllm.prompts import build_prompts
-
     rng = np.random.default_rng(seed)
     if examples_dir:
-        from binllm.encoder import read_code_tables
-
-        examples = pq.read_table(os.path.join(examples_dir, "examples", "examples.parquet"))
-        items = pq.read_table(os.path.join(examples_dir, "examples", "items.parquet"))
-        user_codes, item_codes = read_code_tables(os.path.join(examples_dir, "codes"))
+        layout = run_layout(examples_dir)
+        examples, items = sources.read_examples(layout)
+        user_codes, item_codes = sources.read_code_tables(layout)
         test = examples.filter(pc.equal(examples.column("split"), "test")).to_pylist()
         first = {}
         for row in test:
@@ -94,8 +113,6 @@ def exactness_prompts(examples_dir: str | None, users: int, candidates: int, see
 @contextlib.contextmanager
 def bf16_answer_head():
     """The scorer as it was: the answer row projected in the model's dtype, output rounded to it."""
-    from binllm.llm import forward
-
     original = forward.AnswerHead.__call__
 
     def rounded(self, hidden):
@@ -111,8 +128,6 @@ def bf16_answer_head():
 
 
 def run_exactness(args) -> None:
-    from binllm.llm import answer_tokens, load_causal_lm, score_prompts
-
     device = args.device
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -160,16 +175,14 @@ def run_exactness(args) -> None:
 
 # --- scoring speed --------------------------------------------------------------------------------------
 def run_scoring(args) -> None:
-    from jobs.bench import scoring as bench
-
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    peak = bench.matmul_peak_flops(args.device, dtype)
+    peak = scoring.matmul_peak_flops(args.device, dtype)
     emit({"section": "scoring", "peak_tflops": round(peak / 1e12, 1)})
     for name, budgets in args.scoring_cases:
         for budget, row_tokens in budgets:
             opts = argparse.Namespace(device=args.device, repeats=args.repeats, max_batch_tokens=budget,
                                       max_row_tokens=row_tokens)
-            record = bench.run_case(bench.parse_case(name), opts, peak, dtype)
+            record = scoring.run_case(scoring.parse_case(name), opts, peak, dtype)
             emit({"section": "scoring", **{k: record[k] for k in (
                 "case", "device", "full_pairs_per_s", "shared_pairs_per_s", "speedup", "shared_flop_fraction",
                 "shared_pairs_per_s_ceiling", "shared_peak_mem_mb", "max_abs_score_diff", "max_batch_tokens",
@@ -180,11 +193,6 @@ def run_scoring(args) -> None:
 
 # --- tuning speed ---------------------------------------------------------------------------------------
 def run_tuning(args) -> None:
-    import tempfile
-
-    from binllm.config import load_config
-    from jobs.bench import training as benchmark
-
     for label, overrides in args.tuning_cases:
         with tempfile.TemporaryDirectory(prefix="binllm-gpu-tune-") as work:
             cfg = load_config(None, [
@@ -192,9 +200,9 @@ def run_tuning(args) -> None:
                 f"tune.stage2.max_steps={args.tune_steps}", "tune.stage2.max_valid_rows=16",
                 "tune.stage2.warmup_ratio=0.0", "llm.dtype=bfloat16" if args.device == "cuda" else "llm.dtype=float32",
                 *overrides])
-            benchmark.write_synthetic_inputs(cfg, n_users=2000, n_items=1000, n_rows=args.tune_rows)
-            model_dir = benchmark.random_llm_folder(f"{work}/model", args.tune_shape)
-            tput = benchmark.tune_locally(cfg, model_dir)
+            write_synthetic_inputs(cfg, n_users=2000, n_items=1000, n_rows=args.tune_rows)
+            model_dir = random_llm_folder(f"{work}/model", args.tune_shape)
+            tput = tune_locally(cfg, model_dir)
             emit({"section": "tuning", "case": label, "shape": args.tune_shape, "runner": "one process",
                   "tokens_per_s": round(tput.per_second), "tokens": tput.items,
                   "padding_share": round(1 - tput.items / max(tput.padded_tokens, 1), 3), "steps": tput.steps,
@@ -215,8 +223,8 @@ CPU_TUNING = [("micro-batch 8 rows", ["tune.stage2.micro_batch_size=8"]),
               ("token budget 1024", ["tune.stage2.micro_batch_tokens=1024"])]
 
 
-def main(argv: list[str] | None = None, description: str | None = None) -> None:
-    parser = argparse.ArgumentParser(description=description or __doc__,
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {list(SECTIONS)}")
@@ -240,9 +248,6 @@ def main(argv: list[str] | None = None, description: str | None = None) -> None:
     args.tune_rows = args.tune_rows or (30000 if cuda else 400)
     args.scoring_cases = GPU_SCORING if cuda else CPU_SCORING
     args.tuning_cases = GPU_TUNING if cuda else CPU_TUNING
-    from binllm.cli import setup_logging
-
-    setup_logging()
     failed = False
     for section in args.sections.split(","):
         if section not in SECTIONS:

@@ -1,0 +1,13 @@
+"""Tuning variants at an equal number of prompts on the demo's data: prompts/s and validation AUC, one run.
+
+    python -m jobs.benchmark_tuning_at_equal_prompts --prompts 640 --valid-rows 1000
+    python -m jobs.benchmark_tuning_at_equal_prompts --prompts 480 --valid-rows 600 --top-layers 8
+    python -m jobs.benchmark_tuning_at_equal_prompts --prompts 16 --valid-rows 16 --top-layers 8 \
+        --set encoder.max_epochs=1 --output-root /tmp/runs                                # a quick smoke run
+
+The benchmark is binllm/benchmarks/tuning_at_equal_prompts.py (its docstring: what it measures).
+"""
+from binllm.benchmarks.tuning_at_equal_prompts import main
+
+if __name__ == "__main__":
+    main()
