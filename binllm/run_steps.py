@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from binllm import assets, sources, storage
-from binllm.config import DataConfig, PromptConfig, RunLayout, StorageConfig, TuneConfig
+from binllm.config import DataConfig, DistributedConfig, LLMConfig, PromptConfig, RunLayout, StorageConfig, TuneConfig
 from binllm.data import prepare_examples, read_grouplens, read_recbole, read_table
 from binllm.data.profile import PROFILE_FILE, build_profile, check_trainable, format_profile
 from binllm.data.schema import DataError
@@ -23,7 +23,9 @@ from binllm.encoder import EncoderResult, export_codes, save_encoder, write_code
 from binllm.llm import save_adapter
 from binllm.prompt_spec import SPEC_FILE
 from binllm.tracking import JobRun
-from binllm.tune import TuneResult
+from binllm.train.deepspeed_config import llm_precision
+from binllm.train.distributed import DeepSpeedBackend
+from binllm.tune import TuneResult, tune_lora
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,21 @@ def read_tuning_inputs(layout: RunLayout, tune: TuneConfig, prompt: PromptConfig
     needs_codes = tune.mode == "two_step" or prompt.kind != "text"
     user_codes, item_codes = sources.read_code_tables(layout) if needs_codes else (None, None)
     return examples, items, user_codes, item_codes
+
+
+def tune_on_deepspeed(layout: RunLayout, *, tune: TuneConfig, prompt: PromptConfig, llm: LLMConfig,
+                      distributed: DistributedConfig, storage_cfg: StorageConfig, seed: int
+                      ) -> tuple[TuneResult, DeepSpeedBackend]:
+    """A Ray Train worker's tuning: the run's inputs, the precision llm.dtype gives on this device, the DeepSpeed
+    backend, the base LLM loaded on its device, tune_lora; the result and the backend (its rank and device)."""
+    examples, items, user_codes, item_codes = read_tuning_inputs(layout, tune, prompt)
+    precision = llm_precision(llm.dtype, distributed.use_gpu)
+    backend = DeepSpeedBackend(distributed, precision=precision)
+    model, tokenizer = sources.load_base_model(llm, storage_cfg, device=backend.device,
+                                               dtype="bfloat16" if precision == "bf16" else "float32")
+    result = tune_lora(examples, items, user_codes, item_codes, tune=tune, prompt=prompt, llm=llm, seed=seed,
+                       model=model, tokenizer=tokenizer, backend=backend)
+    return result, backend
 
 
 def publish_adapter(result: TuneResult, uri: str, spec: dict[str, Any], base_model: str,

@@ -17,17 +17,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from binllm import sources
 from binllm.benchmarks.shapes import SHAPES
 from binllm.benchmarks.synthetic import random_llm_folder, write_synthetic_inputs
 from binllm.benchmarks.throughput import Throughput, encoder_throughput, tune_locally, tune_throughput
 from binllm.config import Config, load_config
 from binllm.ray_env import init_ray
-from binllm.run_steps import read_tuning_inputs
-from binllm.train.deepspeed_config import llm_precision
-from binllm.train.distributed import DeepSpeedBackend
+from binllm.run_steps import tune_on_deepspeed
 from binllm.train.ray_jobs import build_trainer
-from binllm.tune import tune_lora
 
 STATS_FILE = "tune_benchmark_rank{rank}.json"
 
@@ -36,13 +32,8 @@ def tune_benchmark_worker(config: dict) -> None:
     """Ray Train worker: the tuning job's worker body (inputs, precision, the DeepSpeed backend, tune_lora); each
     rank writes its figures to stats_dir."""
     cfg: Config = config["cfg"]
-    examples, items, user_codes, item_codes = read_tuning_inputs(cfg.layout(), cfg.tune, cfg.prompt)
-    precision = llm_precision(cfg.llm.dtype, cfg.distributed.use_gpu)
-    backend = DeepSpeedBackend(cfg.distributed, precision=precision)
-    model, tokenizer = sources.load_base_model(cfg.llm, cfg.storage, device=backend.device,
-                                               dtype="bfloat16" if precision == "bf16" else "float32")
-    result = tune_lora(examples, items, user_codes, item_codes, tune=cfg.tune, prompt=cfg.prompt, llm=cfg.llm,
-                       seed=cfg.run.seed, model=model, tokenizer=tokenizer, backend=backend)
+    result, backend = tune_on_deepspeed(cfg.layout(), tune=cfg.tune, prompt=cfg.prompt, llm=cfg.llm,
+                                        distributed=cfg.distributed, storage_cfg=cfg.storage, seed=cfg.run.seed)
     stats = dataclasses.asdict(tune_throughput(result, backend.device))
     Path(config["stats_dir"], STATS_FILE.format(rank=backend.rank)).write_text(json.dumps(stats))
 

@@ -18,13 +18,10 @@ import dataclasses
 import logging
 import time
 
-from binllm import prompt_spec, sources, tracking
+from binllm import prompt_spec, tracking
 from binllm.config import Config, ConfigError
-from binllm.run_steps import publish_adapter, read_tuning_inputs, record_tuning
-from binllm.train.deepspeed_config import llm_precision
-from binllm.train.distributed import DeepSpeedBackend
+from binllm.run_steps import publish_adapter, record_tuning, tune_on_deepspeed
 from binllm.train.ray_jobs import build_trainer
-from binllm.tune import tune_lora
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +35,8 @@ def worker(config: dict) -> None:
     cfg: Config = config["cfg"]
     started = time.time()
     layout = cfg.layout()
-    examples, items, user_codes, item_codes = read_tuning_inputs(layout, cfg.tune, cfg.prompt)
-    precision = llm_precision(cfg.llm.dtype, cfg.distributed.use_gpu)
-    backend = DeepSpeedBackend(cfg.distributed, precision=precision)
-    model, tokenizer = sources.load_base_model(cfg.llm, cfg.storage, device=backend.device,
-                                               dtype="bfloat16" if precision == "bf16" else "float32")
-    result = tune_lora(examples, items, user_codes, item_codes, tune=cfg.tune, prompt=cfg.prompt, llm=cfg.llm,
-                       seed=cfg.run.seed, model=model, tokenizer=tokenizer, backend=backend)
+    result, backend = tune_on_deepspeed(layout, tune=cfg.tune, prompt=cfg.prompt, llm=cfg.llm,
+                                        distributed=cfg.distributed, storage_cfg=cfg.storage, seed=cfg.run.seed)
     with tracking.job_run(cfg.tracking, cfg.run.output_root, run_name=cfg.run.name, job="tune_lora",
                           params=cfg.to_dict(), is_main=backend.is_main, started=started) as tracked:
         if backend.is_main:
