@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 from mlflow import MlflowClient
 
-from binllm import prompt_spec, sources, storage, tracking
+from binllm import prompt_spec, run_steps, sources, storage, tracking
 from binllm.config import ConfigError, load_config
 from binllm.config.sections import TrackingConfig
 from binllm.recipes import pretrain_encoder, score
@@ -44,7 +44,7 @@ def train_in_process(cfg, monkeypatch):
     examples, items = make_planted_examples(40, 30, 600, seed=0, history_len=3)
     sources.write_examples(cfg.layout(), examples, items)
     monkeypatch.setattr(pretrain_encoder, "DeepSpeedBackend", lambda *args, **kwargs: LocalBackend())
-    monkeypatch.setattr(tune_recipe, "DeepSpeedBackend", lambda *args, **kwargs: LocalBackend())
+    monkeypatch.setattr(run_steps, "DeepSpeedBackend", lambda *args, **kwargs: LocalBackend())
     pretrain_encoder.worker({"cfg": cfg})
     tune_recipe.worker({"cfg": cfg})
 
