@@ -51,7 +51,7 @@ def llm_logits(rows: pa.Table, items: pa.Table, user_codes: pa.Table | None, ite
     answer = answer_tokens(tokenizer, prompts.texts[0], llm.answer, llm.negative_answer)
     logits = score_prompts(model, tokenizer, prompts.prefix, prompts.suffix, answer_id=answer,
                            shared_prefix=score.shared_prefix, max_batch_tokens=score.max_batch_tokens,
-                           autocast=autocast_dtype(score.autocast))
+                           autocast=autocast_dtype(score.autocast, next(model.parameters()).device))
     return logits, int(prompts.fallback.sum())
 
 

@@ -227,3 +227,20 @@ def test_scoring_under_bf16_autocast_ranks_like_float32(llm, mixed_users):
     np.testing.assert_allclose(mixed, reference, atol=0.05)
     assert np.corrcoef(np.argsort(np.argsort(mixed)), np.argsort(np.argsort(exact)))[0, 1] > 0.9
     assert next(model.parameters()).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+def test_autocast_auto_is_bf16_only_where_the_device_computes_it_natively(monkeypatch, caplog):
+    from binllm.llm import loading
+
+    monkeypatch.setattr(loading, "_warned_slow_bf16", False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not loading.native_bf16("cpu")
+    assert loading.autocast_dtype("auto", "cpu") is None and loading.autocast_dtype("", "cpu") is None
+    assert "emulated" not in caplog.text
+    assert loading.autocast_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16  # asked for: kept, with a warning
+    assert "no native bf16" in caplog.text and "set autocast to auto" in caplog.text
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert loading.native_bf16("cpu") and loading.autocast_dtype("auto", "cpu") is torch.bfloat16
+    with pytest.raises(ValueError, match=r"autocast must be '' \(off\), 'auto' or 'bfloat16', got 'fp16'"):
+        loading.autocast_dtype("fp16", "cpu")

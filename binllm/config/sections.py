@@ -168,8 +168,9 @@ class TuneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-3))
     stage2: StageConfig = field(default_factory=StageConfig)
-    autocast: Literal["", "bfloat16"] = ""  # bfloat16: tuning forwards under bf16 autocast (fp32 weights, LoRA
-    # and answer head); twice the speed on CPUs with AVX512-BF16 or AMX
+    autocast: Literal["", "auto", "bfloat16"] = ""  # bfloat16: tuning forwards under bf16 autocast (fp32 weights,
+    # LoRA and answer head), twice the speed on CPUs with AVX512-BF16 or AMX, 100x slower on CPUs without;
+    # auto: bfloat16 where the device computes bf16 natively, off elsewhere
     shared_prefix: bool = False  # micro-batches keep a prefix's rows together; each distinct prefix runs once
     cache_trunk: bool = False  # with lora.top_layers: the frozen layers below run once per prompt, kept on the host
     adapter: str = ""  # adapter location; empty means <run dir>/adapter
@@ -209,8 +210,8 @@ class ScoreConfig:
     gpus_per_actor: float = 0.0
     max_batch_tokens: int = 8192
     dtype: Literal["", "auto", "float32", "bfloat16", "tf32"] = ""  # scoring actors' llm dtype; empty: llm.dtype
-    autocast: Literal["", "bfloat16"] = ""  # bfloat16: LLM scoring (nightly, evaluate, paper table) under bf16
-    # autocast over float32 weights, as bf16-autocast tuning computes
+    autocast: Literal["", "auto", "bfloat16"] = ""  # bfloat16: LLM scoring (nightly, evaluate, paper table) under
+    # bf16 autocast over float32 weights, as bf16-autocast tuning computes; auto: bfloat16 on native-bf16 devices
     stale_run_hours: float = 24.0  # unpublished run folders older than this (any date of the output) are removed
     stall_timeout_s: float = 1800.0  # a scoring pipeline with no progress this long fails naming the stage; 0: off
     fail_at_batch: int = 0  # fault-injection hook for tests: a scoring actor's process exits at this batch, once per run and node

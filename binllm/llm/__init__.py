@@ -1,6 +1,6 @@
 """The LLM layer: loading, prompt tokens, LoRA, the differentiable answer logit, and bulk scoring."""
 from binllm.llm.forward import collate_prompts, yes_logits
-from binllm.llm.loading import autocast_dtype, load_causal_lm, load_tokenizer
+from binllm.llm.loading import autocast_dtype, load_causal_lm, load_tokenizer, native_bf16
 from binllm.llm.lora import apply_lora, load_adapter, save_adapter
 from binllm.llm.scoring import score_encoded, score_prompts
 from binllm.llm.tiny import build_tiny_llm
@@ -30,6 +30,7 @@ __all__ = [
     "load_adapter",
     "load_causal_lm",
     "load_tokenizer",
+    "native_bf16",
     "prompt_token_counts",
     "save_adapter",
     "score_encoded",

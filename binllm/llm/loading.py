@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 DType = Literal["auto", "float32", "bfloat16", "tf32"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "tf32": torch.float32}
+AUTOCAST_VALUES = ("", "auto", "bfloat16")
+
+log = logging.getLogger(__name__)
+_warned_slow_bf16 = False
 
 
 def resolve_dtype(dtype: DType, device: str | torch.device) -> torch.dtype:
@@ -23,10 +28,30 @@ def resolve_dtype(dtype: DType, device: str | torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def autocast_dtype(name: str) -> torch.dtype | None:
-    """The torch dtype of an autocast config value ("" is off, "bfloat16")."""
-    if name not in ("", "bfloat16"):
-        raise ValueError(f"autocast must be '' (off) or 'bfloat16', got {name!r}")
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls in hardware: a CUDA GPU with bf16 support, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere (an AVX2-only CPU) PyTorch emulates them, about 100x slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def autocast_dtype(name: str, device: str | torch.device) -> torch.dtype | None:
+    """The torch dtype of an autocast config value on `device`: "" is off; "bfloat16" is bf16 autocast;
+    "auto" is bf16 where the device computes it natively (native_bf16) and off elsewhere."""
+    global _warned_slow_bf16
+    if name not in AUTOCAST_VALUES:
+        raise ValueError(f"autocast must be '' (off), 'auto' or 'bfloat16', got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    if name == "bfloat16" and not native_bf16(device) and not _warned_slow_bf16:
+        _warned_slow_bf16 = True
+        log.warning("autocast bfloat16 on %s, which has no native bf16 (AVX512-BF16 or AMX on a CPU): its bf16 "
+                    "matmuls are emulated, about 100x slower than float32; set autocast to auto", device)
     return torch.bfloat16 if name else None
 
 

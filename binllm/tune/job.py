@@ -52,6 +52,7 @@ class StageResult:
     padded_tokens: int  # tokens including left padding
     train_seconds: float  # wall time of the stage minus validation
     resumed_from_step: int | None = None
+    prompts_per_step: float = 0.0  # train prompts an optimizer step took, on average over the planned schedule
 
 
 @dataclass
@@ -102,6 +103,7 @@ def run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet
         epochs=result.epochs, stopped_early=result.stopped_early, history=result.history,
         train_rows=len(train), valid_rows=len(valid), train_tokens=task.train_tokens,
         padded_tokens=task.padded_tokens, train_seconds=seconds, resumed_from_step=result.resumed_from_step,
+        prompts_per_step=len(train) * settings.epochs / total_steps if total_steps else 0.0,
     )
     if backend.is_main:
         log.info("%s (%s prompts): best validation AUC %.4f after %d steps; %d tokens in %.1f s",
@@ -184,7 +186,7 @@ def _run_or_resume_stage(stage: Stage, backend: Backend, model: PeftModel, train
         copy_into_parameters(model, best_state)
         return summary, best_state
     summary, best_state = run_stage(stage, backend, model, train, valid, answer, pad_id, seed,
-                                    autocast_dtype(tune.autocast), tune.shared_prefix, tune.cache_trunk)
+                                    autocast_dtype(tune.autocast, backend.device), tune.shared_prefix, tune.cache_trunk)
     if isinstance(backend, StageAware):
         backend.end_stage(stage.name, {"result": dataclasses.asdict(summary), "best_state": best_state})
     return summary, best_state
