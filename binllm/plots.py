@@ -40,22 +40,29 @@ def plot_auc_bars(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def plot_validation_curves(stages_by_method: dict[str, list[dict]], path: Path) -> Path:
-    """Validation AUC per optimizer step for every LLM training stage (stage 2 continues stage 1's steps)."""
+def plot_validation_curves(stages_by_method: dict[str, list[dict]], path: Path,
+                           references: dict[str, float] | None = None) -> Path:
+    """Validation AUC of every LLM training stage (stage 2 continues stage 1) against the prompts tuned so far
+    (optimizer steps where a stage does not record its prompts a step); `references`: a labelled AUC each, drawn
+    across (say BinMF's on the same validation rows)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for method, stages in stages_by_method.items():
-        offset = 0
+    curves = {method: [s for s in stages if s.get("prompt_kind") and any("auc" in h for h in s.get("history", []))]
+              for method, stages in stages_by_method.items()}  # encoders (epochs, not LLM steps) left out
+    by_prompts = all(s.get("prompts_per_step") for stages in curves.values() for s in stages)
+    for method, stages in curves.items():
+        offset = 0.0
         for stage in stages:
-            history = [h for h in stage.get("history", []) if "auc" in h]
-            if not stage.get("prompt_kind") or not history:
-                continue  # encoders: epochs, not LLM steps
-            steps = [offset + h["step"] for h in history]
-            ax.plot(steps, [h["auc"] for h in history], marker=".", markersize=3, linewidth=1,
+            history = [h for h in stage["history"] if "auc" in h]
+            scale = stage["prompts_per_step"] if by_prompts else 1
+            xs = [offset + h["step"] * scale for h in history]
+            ax.plot(xs, [h["auc"] for h in history], marker=".", markersize=3, linewidth=1,
                     label=f"{method}: {stage['name']} ({stage['prompt_kind']})")
-            offset = steps[-1]
+            offset = xs[-1]
+    for k, (label, value) in enumerate((references or {}).items()):
+        ax.axhline(value, color=f"C{k + 5}", linewidth=1, linestyle=":", label=f"{label} {value:.4f}")
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel("prompts tuned" if by_prompts else "optimizer step")
     ax.set_ylabel("validation AUC")
     handles, labels = ax.get_legend_handles_labels()
     if handles:

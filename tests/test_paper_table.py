@@ -4,10 +4,14 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from binllm.config import load_config
+from binllm.data import split_rows
+from binllm.encoder import load_encoder, score_pairs
+from binllm.metrics import auc
 from binllm.recipes.paper_table import MethodSpec, method_specs, run_order, run_paper_table
 from synthetic import make_planted_examples
 
@@ -73,6 +77,16 @@ def test_report_files(paper_cfg, paper_run):
     assert ("BinLLM (dotted)", "IO (dotted)") in {(p["a"], p["b"]) for p in pairs}
     assert all(p["rows"] == 60 and p["low"] <= p["high"] and 0 <= p["p_le_0"] <= 1 for p in pairs)
     assert "BinLLM (binary) - BinMF" in md and "BinLLM (binary) - BinMF" in paper_run.text
+    # valid_auc.png draws validation AUC against prompts tuned, with BinMF's AUC on the same validation rows.
+    stage2 = next(s for s in payload["stages"]["BinLLM (binary)"] if s["name"] == "stage2")
+    assert stage2["prompts_per_step"] == 16  # 96 train rows, 16 a step, one epoch
+    examples = pq.read_table(f"{paper_cfg.run_dir()}/examples/examples.parquet")
+    valid = split_rows(examples, "valid", paper_cfg.tune.stage2.max_valid_rows, paper_cfg.run.seed + 1)
+    assert stage2["valid_rows"] == valid.num_rows
+    binmf = load_encoder(f"{paper_cfg.run_dir()}/encoder")
+    want = auc(valid.column("label").to_numpy(), np.asarray(score_pairs(binmf, valid.column("user_id"),
+                                                                       valid.column("item_id"))))
+    assert payload["valid_references"] == {"BinMF on the stage-2 validation rows": pytest.approx(want)}
 
 
 def test_rerun_reuses_finished_methods(paper_cfg, paper_run, tmp_path):

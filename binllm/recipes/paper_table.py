@@ -38,7 +38,7 @@ from binllm.config import PAPER_METHODS, Config, PromptConfig, TuneConfig
 from binllm.data import split_rows
 from binllm.encoder import export_codes, load_encoder, score_pairs, train_encoder
 from binllm.evaluation import llm_logits
-from binllm.metrics import (N_BOOT, PAPER_PAIRS, evaluate_scores, format_pairs, format_report, match_pairs,
+from binllm.metrics import (N_BOOT, PAPER_PAIRS, auc, evaluate_scores, format_pairs, format_report, match_pairs,
                             pairwise_report, report_table)
 from binllm.plots import plot_auc_bars, plot_score_distributions, plot_validation_curves
 from binllm.run_steps import prepare_run, publish_encoder
@@ -179,6 +179,13 @@ class PaperRun:
         return MethodResult(spec, np.asarray(logits, np.float32), time.perf_counter() - started, history,
                             {"embedding_rows": [len(encoder.user_ids), len(encoder.item_ids)]})
 
+    def binmf_valid_auc(self) -> float:
+        """BinMF's AUC on the rows the code methods validate on (tune_lora's seeded stage-2 sample): the bar
+        their validation curves must pass."""
+        rows = split_rows(self.examples, "valid", self.cfg.tune.stage2.max_valid_rows, self.cfg.run.seed + 1)
+        logits = score_pairs(self.binmf(), rows.column("user_id"), rows.column("item_id"))
+        return float(auc(rows.column("label").to_numpy(zero_copy_only=False), np.asarray(logits)))
+
     def method_sections(self, spec: MethodSpec) -> tuple[PromptConfig, TuneConfig]:
         """The prompt and tune sections of an LLM method: one intuitive stage on its prompts (TO: text-only
         prompts with stage 1's settings)."""
@@ -243,6 +250,7 @@ class PaperTable:
     skipped: list[str] = field(default_factory=list)  # methods left for a later run by paper.time_budget_s
     device: str = "cpu"
     pairs: pa.Table | None = None  # pairwise_report of PAPER_PAIRS among the methods run
+    valid_references: dict[str, float] = field(default_factory=dict)  # drawn across valid_auc.png
 
 
 def run_paper_table(cfg: Config, device: str | None = None) -> PaperTable:
@@ -304,7 +312,11 @@ def _run_methods(cfg: Config, paper: PaperRun) -> PaperTable:
     pairs = pairwise_report(logits, paper.test.column("label").to_numpy(zero_copy_only=False),
                             match_pairs(PAPER_PAIRS, list(logits)), N_BOOT, cfg.run.seed)
     text = "\n\n".join(t for t in (format_report(metrics), format_pairs(pairs)) if t)
-    return PaperTable(metrics, results, paper.test, text, time.perf_counter() - started, skipped, device, pairs)
+    references = {}
+    if MethodSpec("BinMF") in done and any(r.spec.method in CODE_METHODS for r in results):
+        references["BinMF on the stage-2 validation rows"] = paper.binmf_valid_auc()
+    return PaperTable(metrics, results, paper.test, text, time.perf_counter() - started, skipped, device, pairs,
+                      references)
 
 
 def _profile_notes(cfg: Config, test: pa.Table) -> list[str]:
@@ -342,7 +354,8 @@ def write_report(cfg: Config, table: PaperTable) -> None:
                "pairs": table.pairs.to_pylist() if table.pairs is not None else [],
                "seconds": {r.spec.name: r.seconds for r in table.results},
                "stages": {r.spec.name: r.stages for r in table.results},
-               "method_notes": {r.spec.name: r.notes for r in table.results}}
+               "method_notes": {r.spec.name: r.notes for r in table.results},
+               "valid_references": table.valid_references}
     storage.write_json(payload, paper_uri(cfg, "metrics.json"), cfg.storage)
     lines = [f"# The paper's table: run {cfg.run.name}", "", f"Device: {machine}; wall time {table.seconds:.0f} s "
              f"(this invocation; methods from earlier invocations are reused).", "", "```", table.text, "```", ""]
@@ -353,7 +366,7 @@ def write_report(cfg: Config, table: PaperTable) -> None:
         files = {
             "auc_bars.png": plot_auc_bars(rows, Path(tmp, "auc_bars.png")),
             "valid_auc.png": plot_validation_curves({r.spec.name: r.stages for r in table.results},
-                                                    Path(tmp, "valid_auc.png")),
+                                                    Path(tmp, "valid_auc.png"), table.valid_references),
             "score_dist.png": plot_score_distributions(
                 methods, [r.logits for r in table.results],
                 test.column("label").to_numpy(zero_copy_only=False).astype(np.int8), Path(tmp, "score_dist.png")),
