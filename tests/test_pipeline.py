@@ -84,6 +84,7 @@ def test_requests_on_s3_match_direct_scoring_and_rerun_replaces(s3_bucket, tiny_
     # Every read of a run uses the task-based Parquet reader (no per-read FooterReader actor pool); the caller's
     # DataContext is put back afterwards.
     v2_at_read, read_parquet = [], ray.data.read_parquet
+    reader_before = ray.data.DataContext.get_current().use_datasource_v2
 
     def recording_read(*args, **kwargs):
         v2_at_read.append(ray.data.DataContext.get_current().use_datasource_v2)
@@ -93,7 +94,7 @@ def test_requests_on_s3_match_direct_scoring_and_rerun_replaces(s3_bucket, tiny_
     second = run_scoring(scoring_job(cfg))
     assert second.run_id != first.run_id
     assert len(v2_at_read) >= 2 and not any(v2_at_read)  # the interaction log and the requests
-    assert ray.data.DataContext.get_current().use_datasource_v2
+    assert ray.data.DataContext.get_current().use_datasource_v2 == reader_before
     again = read_partition(out, DT)
     assert again.num_rows == req.num_rows and set(again["run_id"].to_pylist()) == {second.run_id}
     # A rerun compares with the previous DATE (there is none), never with the run of the same date it replaces.

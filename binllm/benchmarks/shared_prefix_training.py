@@ -30,7 +30,7 @@ import torch
 from binllm.benchmarks.shapes import SHAPES
 from binllm.benchmarks.synthetic import random_llm_folder, synthetic_tables
 from binllm.config import load_config
-from binllm.llm import answer_tokens, apply_lora, load_causal_lm
+from binllm.llm import answer_tokens, apply_lora, autocast_dtype, load_causal_lm
 from binllm.train.backend import LocalBackend
 from binllm.train.micro_batches import shared_prefix_micro_batches
 from binllm.tune import StageTask, split_rows, tokenize_rows
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
                        top_layers=lora.top_layers).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stage.lr)
-    autocast = torch.bfloat16 if cfg.tune.autocast == "bfloat16" else None
+    autocast = autocast_dtype(cfg.tune.autocast, device)
     backend = LocalBackend(device)
     tasks = {path: StageTask(backend, train, train, stage, answer, tokenizer.pad_token_id, seed, autocast,
                               shared_prefix=path == "shared") for path in PATHS}

@@ -129,7 +129,7 @@ def _run(cfg: Config, tracked: tracking.JobRun) -> pa.Table:
 
 
 def _publish_validation_plot(stages: list, run_dir: str, storage_cfg) -> str:
-    """<run dir>/eval/valid_auc.png: validation AUC per optimizer step of each tuning stage."""
+    """<run dir>/eval/valid_auc.png: validation AUC against prompts tuned in each tuning stage."""
     uri = storage.join_uri(eval_uri(run_dir), "valid_auc.png")
     with tempfile.TemporaryDirectory(prefix="binllm-demo-") as tmp:
         path = plot_validation_curves({"BinLLM": [dataclasses.asdict(s) for s in stages]}, Path(tmp, "valid_auc.png"))

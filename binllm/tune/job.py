@@ -52,7 +52,7 @@ class StageResult:
     padded_tokens: int  # tokens including left padding
     train_seconds: float  # wall time of the stage minus validation
     resumed_from_step: int | None = None
-    prompts_per_step: float = 0.0  # train prompts an optimizer step took, on average over the planned schedule
+    prompts_per_step: float = 0.0  # train prompts an optimizer step took, on average over an epoch
 
 
 @dataclass
@@ -74,7 +74,7 @@ def run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet
     if settings.micro_batch_tokens < 0:
         settings = dataclasses.replace(
             settings, micro_batch_tokens=fit_micro_batch_tokens(model, answer, train.lengths, backend))
-    _, total_steps = stage_steps(len(train), backend.world_size, settings, train.lengths, seed,
+    steps_per_epoch, total_steps = stage_steps(len(train), backend.world_size, settings, train.lengths, seed,
                                  (train.prefix_of_row, train.prefix_lengths) if shared_prefix else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -103,7 +103,7 @@ def run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet
         epochs=result.epochs, stopped_early=result.stopped_early, history=result.history,
         train_rows=len(train), valid_rows=len(valid), train_tokens=task.train_tokens,
         padded_tokens=task.padded_tokens, train_seconds=seconds, resumed_from_step=result.resumed_from_step,
-        prompts_per_step=len(train) * settings.epochs / total_steps if total_steps else 0.0,
+        prompts_per_step=len(train) / steps_per_epoch if steps_per_epoch else 0.0,
     )
     if backend.is_main:
         log.info("%s (%s prompts): best validation AUC %.4f after %d steps; %d tokens in %.1f s",
