@@ -50,15 +50,10 @@ def log_folder(tmp_path_factory):
 
 
 def ray_popular_items(folder, history_before, top_k):
-    """As run_scoring counts them: the log read with the scoring run's Parquet reader."""
     columns = ["user_id", "item_id", "timestamp", "label"]
-    restore = run._use_task_parquet_reader()
-    try:
-        log = run._read(str(folder), "interaction log", columns, StorageConfig()).map_batches(
-            normalise_log, batch_format="pyarrow", fn_kwargs={"history_before": history_before, "min_rating": 4.0})
-        return run._popular_items(log, top_k)
-    finally:
-        restore()
+    log = run._read(str(folder), "interaction log", columns, StorageConfig()).map_batches(
+        normalise_log, batch_format="pyarrow", fn_kwargs={"history_before": history_before, "min_rating": 4.0})
+    return run._popular_items(log, top_k)
 
 
 def test_ray_data_popularity_equals_the_driver_side_count(log_folder, monkeypatch):
