@@ -26,7 +26,6 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -113,23 +112,6 @@ def _read(uri: str, what: str, columns: list[str], storage_cfg: StorageConfig) -
     return ray.data.read_parquet(paths, filesystem=fs, partitioning=None).select_columns(columns)
 
 
-def _use_task_parquet_reader() -> Callable[[], None]:
-    """Switches the current DataContext to Ray Data's task-based Parquet reader; returns a function that puts the
-    setting back. Ray 2.60's default (DataSource V2) lists each read's files on a pool of up to 32 FooterReader
-    actors, one process each, started and killed per read: one scoring run started about 9 of them, which
-    on a 2-CPU cluster cost more than the scoring of small runs (docs/pipeline_benchmark.md)."""
-    context = ray.data.DataContext.get_current()
-    before = getattr(context, "use_datasource_v2", None)
-    if before is None:
-        return lambda: None
-    context.use_datasource_v2 = False
-
-    def restore() -> None:
-        context.use_datasource_v2 = before
-
-    return restore
-
-
 def _popular_items(log: ray.data.Dataset, top_k: int) -> list[str]:
     """The top_k + POPULAR_EXTRA item ids of the normalised log (rows before the cutoff) by interaction
     count, most first, ties by id; counted by Ray Data, so the log never has to fit on the driver."""
@@ -163,11 +145,9 @@ def run_scoring(job: ScoringJob) -> ScoringSummary:
     checked = _check(job)  # on the driver, before any Ray work: bad inputs are refused without a cluster
     requested = ensure_resources(job.score, joined=bool(os.environ.get("RAY_ADDRESS")))
     restore = install_watchdog(job.score.stall_timeout_s)
-    restore_reader = _use_task_parquet_reader()
     try:
         return _score(checked, start)
     finally:
-        restore_reader()
         restore()
         if requested:
             release_resources()
