@@ -74,9 +74,10 @@ class Scorer:
         if not use_gpu:
             torch.set_num_threads(max(1, int(round(spec.cpus))))
         self.spec = spec
-        self.device = "cuda" if use_gpu else "cpu"
+        device = "cuda" if use_gpu else "cpu"
         self.model, self.tokenizer = load_scoring_model(spec.llm, spec.storage, spec.adapter, dtype=spec.dtype,
-                                                        device=self.device)
+                                                        device=device)
+        self.autocast = autocast_dtype(spec.autocast, device)
         self.answer: AnswerTokens | None = None
         self.batches = 0
 
@@ -107,7 +108,7 @@ class Scorer:
         logits = (
             score_prompts(self.model, self.tokenizer, prefixes, suffixes, answer_id=self.answer,
                           shared_prefix=self.spec.shared_prefix, max_batch_tokens=self.spec.max_batch_tokens,
-                          autocast=autocast_dtype(self.spec.autocast, self.device))
+                          autocast=self.autocast)
             if n else np.zeros(0, np.float32)
         )
         return pa.Table.from_arrays([

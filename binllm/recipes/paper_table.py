@@ -42,7 +42,7 @@ from binllm.metrics import (N_BOOT, PAPER_PAIRS, auc, evaluate_scores, format_pa
                             pairwise_report, report_table)
 from binllm.plots import plot_auc_bars, plot_score_distributions, plot_validation_curves
 from binllm.run_steps import prepare_run, publish_encoder
-from binllm.tune import tune_lora
+from binllm.tune import stage_rows, tune_lora
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class PaperRun:
     def binmf_valid_auc(self) -> float:
         """BinMF's AUC on the rows the code methods validate on (tune_lora's seeded stage-2 sample): the bar
         their validation curves must pass."""
-        rows = split_rows(self.examples, "valid", self.cfg.tune.stage2.max_valid_rows, self.cfg.run.seed + 1)
+        _, rows = stage_rows(self.examples, self.cfg.tune.stage2, self.cfg.run.seed)
         logits = score_pairs(self.binmf(), rows.column("user_id"), rows.column("item_id"))
         return float(auc(rows.column("label").to_numpy(zero_copy_only=False), np.asarray(logits)))
 

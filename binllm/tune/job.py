@@ -31,7 +31,7 @@ from binllm.train.schedule import warmup_cosine
 from binllm.train.stages import StageAware
 from binllm.train.state import copy_into_parameters
 from binllm.tune.memory_probe import fit_micro_batch_tokens
-from binllm.tune.stage_data import PromptSet, Stage, split_rows, tokenize_rows, tuning_stages
+from binllm.tune.stage_data import PromptSet, Stage, stage_rows, tokenize_rows, tuning_stages
 from binllm.tune.stage_task import StageTask
 
 log = logging.getLogger(__name__)
@@ -197,9 +197,7 @@ def _stage_prompts(stage: Stage, examples: pa.Table, items: pa.Table, user_codes
                    seed: int) -> tuple[PromptSet, PromptSet, str]:
     """The stage's train and valid prompts (seeded subsets of at most max_train_rows / max_valid_rows), and
     one prompt text; refuses a stage without rows of both splits or with one validation label only."""
-    settings = stage.settings
-    train_rows = split_rows(examples, "train", settings.max_train_rows, seed)
-    valid_rows = split_rows(examples, "valid", settings.max_valid_rows, seed + 1)
+    train_rows, valid_rows = stage_rows(examples, stage.settings, seed)
     if train_rows.num_rows == 0 or valid_rows.num_rows == 0:
         raise DataError(f"{stage.name}: examples have {train_rows.num_rows} train and {valid_rows.num_rows} "
                          "valid rows; tuning needs both")

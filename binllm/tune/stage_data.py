@@ -70,6 +70,13 @@ def split_rows(examples: pa.Table, split: str, max_rows: int, seed: int) -> pa.T
     return data.split_rows(examples, split, max_rows, seed)
 
 
+def stage_rows(examples: pa.Table, settings: StageConfig, seed: int) -> tuple[pa.Table, pa.Table]:
+    """A tuning stage's (train rows, valid rows): seeded subsets of at most max_train_rows / max_valid_rows (the
+    valid sample seeded seed + 1)."""
+    return (split_rows(examples, "train", settings.max_train_rows, seed),
+            split_rows(examples, "valid", settings.max_valid_rows, seed + 1))
+
+
 def tokenize_rows(rows: pa.Table, items: pa.Table, user_codes: pa.Table | None, item_codes: pa.Table | None,
                   prompt: PromptConfig, kind: str, tokenizer: PreTrainedTokenizerBase) -> tuple[PromptSet, str]:
     """Canonical prompt tokens and labels of `rows`; also one prompt text (for the answer token)."""
