@@ -24,6 +24,7 @@ SPEC_FORMAT = "binllm-prompt-spec/1"
 FIELDS = {
     "prompt_kind": "prompt.kind",
     "code_format": "prompt.code_format",
+    "code_layout": "prompt.code_layout",
     "domain": "prompt.domain",
     "domain_plural": "prompt.domain_plural",
     "empty_history": "prompt.empty_history",
@@ -37,6 +38,8 @@ FIELDS = {
     "item_codes_sha256": "item code table sha256",
 }
 CHECKSUMS = ("base_model_sha256", "user_codes_sha256", "item_codes_sha256")
+# Fields added after the spec's first format, with the value every adapter recorded before them had.
+ADDED_LATER = {"code_layout": "paper"}
 
 
 def model_sha256(llm: LLMConfig, layout: RunLayout) -> str:
@@ -54,6 +57,7 @@ def spec_for(prompt: PromptConfig, llm: LLMConfig, history_len: int, layout: Run
         "format": SPEC_FORMAT,
         "prompt_kind": prompt.kind,
         "code_format": prompt.code_format,
+        "code_layout": prompt.code_layout,
         "domain": prompt.domain,
         "domain_plural": prompt.domain_plural,
         "empty_history": prompt.empty_history,
@@ -78,6 +82,7 @@ def _shown(field: str, value: Any) -> str:
 
 def differences(recorded: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     """'<key>: adapter <value>, config <value>' for every field where the two specs differ."""
+    recorded = {**ADDED_LATER, **recorded}
     return [f"{key}: adapter {_shown(field, recorded.get(field))}, config {_shown(field, expected[field])}"
             for field, key in FIELDS.items() if recorded.get(field) != expected[field]]
 

@@ -1,7 +1,7 @@
 """BinLLM prompts, built column-wise with Arrow compute (no per-row Python).
 
 Every prompt is returned as two strings, prefix + suffix. The prefix depends on the user alone
-(history titles, user code) and ends with "...would enjoy the movie titled"; the suffix carries
+(history titles; the user code too in the paper's layout) and ends with "...would enjoy the movie titled"; the suffix carries
 the target item. Scoring shares one prefix computation across all of a user's candidates.
 
 Titles are normalised before they enter a prompt (`normalise_titles`). With the tokenizer, two caps
@@ -36,6 +36,9 @@ FULL_PREFIX_TAIL = ". Using all available information, make a prediction about w
 CODES_PREFIX_HEAD = "#Question: We have information about the user's preferences encoded in the feature "
 CODES_PREFIX_TAIL = ". Using all available information, make a prediction about whether the user would enjoy the {noun}"
 ITEM_CODE_HEAD = " with the feature "
+# prompt.code_layout "adjacent": the user code moves from the prefix to right after the item code, behind this
+# fixed text, so that bit k of one code is always the same number of tokens from bit k of the other.
+USER_CODE_BESIDE = ", given the user's preferences encoded in the feature "
 ANSWER_TAIL = '? Answer with "Yes" or "No".\n#Answer:'
 
 SPACES = r"[\p{Cc}\p{Z}]+"  # control characters (newlines, tabs, NUL, ...) and every Unicode space
@@ -158,7 +161,11 @@ class _Parts:
         text_suffix = _concat(" ", self.target, ANSWER_TAIL)
         if self.kind == "text":
             return text_prefix, text_suffix
-        if self.kind == "full":
+        if self.kind == "full" and cfg.code_layout == "adjacent":
+            prefix = _concat(head, history, FULL_PREFIX_TAIL.format(noun=noun))
+            suffix = _concat(" ", self.target, ITEM_CODE_HEAD, self.item_code, USER_CODE_BESIDE, self.user_code,
+                             ANSWER_TAIL)
+        elif self.kind == "full":
             prefix = _concat(head, history, USER_CODE_HEAD, self.user_code, FULL_PREFIX_TAIL.format(noun=noun))
             suffix = _concat(" ", self.target, ITEM_CODE_HEAD, self.item_code, ANSWER_TAIL)
         else:

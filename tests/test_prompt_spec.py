@@ -51,8 +51,8 @@ def test_publish_adapter_writes_the_spec_beside_the_adapter(published, tiny_llm_
     root, cfg = published
     spec = json.loads(open(f"{root}/adapter/{prompt_spec.SPEC_FILE}").read())
     assert spec == {
-        "format": "binllm-prompt-spec/1", "prompt_kind": "full", "code_format": "dotted", "domain": "movie",
-        "domain_plural": "", "empty_history": "nothing yet", "max_title_tokens": 32, "max_tokens": 512,
+        "format": "binllm-prompt-spec/1", "prompt_kind": "full", "code_format": "dotted", "code_layout": "paper",
+        "domain": "movie", "domain_plural": "", "empty_history": "nothing yet", "max_title_tokens": 32, "max_tokens": 512,
         "answer": " Yes", "negative_answer": " No", "history_len": 5,
         "base_model_sha256": storage.dir_checksum(str(tiny_llm_dir)),
         "user_codes_sha256": sha256(f"{root}/codes/users.parquet"),
@@ -61,9 +61,20 @@ def test_publish_adapter_writes_the_spec_beside_the_adapter(published, tiny_llm_
     check_adapter(f"{root}/adapter", cfg)  # its own config matches
 
 
+def test_a_spec_recorded_before_code_layout_existed_reads_as_the_paper_layout(published):
+    root, cfg = published
+    spec = json.loads(open(f"{root}/adapter/{prompt_spec.SPEC_FILE}").read())
+    del spec["code_layout"]
+    expected = prompt_spec.spec_for(cfg.prompt, cfg.llm, cfg.data.history_len, cfg.layout())
+    assert prompt_spec.differences(spec, expected) == []
+    adjacent = {**expected, "code_layout": "adjacent"}
+    assert prompt_spec.differences(spec, adjacent) == ["prompt.code_layout: adapter 'paper', config 'adjacent'"]
+
+
 MISMATCHES = [
     ("prompt.kind=codes", "prompt.kind: adapter 'full', config 'codes'"),
     ("prompt.code_format=binary", "prompt.code_format: adapter 'dotted', config 'binary'"),
+    ("prompt.code_layout=adjacent", "prompt.code_layout: adapter 'paper', config 'adjacent'"),
     ("prompt.domain=book", "prompt.domain: adapter 'movie', config 'book'"),
     ("prompt.domain_plural=films", "prompt.domain_plural: adapter '', config 'films'"),
     ("prompt.empty_history=none", "prompt.empty_history: adapter 'nothing yet', config 'none'"),

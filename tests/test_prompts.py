@@ -59,6 +59,38 @@ def test_full_prompt_matches_the_template_character_for_character():
     assert not batch.fallback[0]
 
 
+def test_adjacent_layout_moves_the_user_code_beside_the_item_code():
+    batch = build_prompts(ROWS, ITEMS, USER, ITEM, plain(code_layout="adjacent"))
+    assert batch.texts[0] == (
+        '#Question: A user has given high ratings to the following movies: "Toy Story (1995)", "Heat (1995)". '
+        "Using all available information, make a prediction about whether the user would enjoy the movie titled "
+        '"Fargo (1996)" with the feature 77.194.178.241, given the user\'s preferences encoded in the feature '
+        '178.112.245.45? Answer with "Yes" or "No".\n#Answer:')
+    assert batch.prefix[0].endswith("would enjoy the movie titled")
+    codes_only = build_prompts(ROWS, ITEMS, USER, ITEM, plain(kind="codes", code_layout="adjacent"))
+    assert codes_only.texts == build_prompts(ROWS, ITEMS, USER, ITEM, plain(kind="codes")).texts
+
+
+def test_adjacent_binary_codes_lie_the_same_number_of_tokens_apart_whatever_the_title(tokenizer):
+    titles = pa.table({"item_id": ["1", "2", "3", "4"],
+                       "title": ["Toy Story (1995)", "Heat (1995)", "Fargo (1996)",
+                                 "Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb (1963)"]})
+    items = code_table(["3", "4"], parse_code_text(["01001101110000101011001011110001"] * 2, "binary"))
+    rows = pa.table({"user_id": ["u1", "u1"], "item_id": ["3", "4"], "history": [["1", "2"], ["1"]]})
+    distances = {}
+    for layout in ("paper", "adjacent"):
+        batch = build_prompts(rows, titles, USER, items, PromptConfig(code_format="binary", code_layout=layout),
+                              tokenizer=tokenizer)
+        for text in batch.texts:
+            user_at = text.index("10110010011100001111010100101101")
+            item_at = text.index("01001101110000101011001011110001")
+            first, second = sorted((user_at, item_at))
+            between = tokenizer(text[first:second], add_special_tokens=False)["input_ids"]
+            distances.setdefault(layout, []).append(len(between))
+    assert len(set(distances["adjacent"])) == 1
+    assert len(set(distances["paper"])) == 2  # the target title lies between the codes
+
+
 def test_binary_codes_text_only_codes_only_and_domain():
     full = build_prompts(ROWS, ITEMS, USER, ITEM, plain(code_format="binary", domain="book")).texts[0]
     assert "encoded in the feature 10110010011100001111010100101101." in full

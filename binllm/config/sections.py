@@ -116,6 +116,7 @@ class EncoderConfig:
 class PromptConfig:
     kind: Literal["full", "text", "codes"] = "full"
     code_format: Literal["dotted", "binary"] = "dotted"
+    code_layout: Literal["paper", "adjacent"] = "paper"  # adjacent: the user code follows the item code (full prompts)
     domain: str = "movie"  # singular noun; the plural adds "s" unless domain_plural is set
     domain_plural: str = ""
     empty_history: str = "nothing yet"
