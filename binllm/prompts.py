@@ -1,8 +1,8 @@
 """BinLLM prompts, built column-wise with Arrow compute (no per-row Python).
 
 Every prompt is returned as two strings, prefix + suffix. The prefix depends on the user alone
-(history titles; the user code too in the paper's layout) and ends with "...would enjoy the movie titled"; the suffix carries
-the target item. Scoring shares one prefix computation across all of a user's candidates.
+(history titles; the user code too in the paper's layout) and ends with "...would enjoy the movie titled";
+the suffix carries the target item. Scoring shares one prefix computation across all of a user's candidates.
 
 Titles are normalised before they enter a prompt (`normalise_titles`). With the tokenizer, two caps
 hold, in tokens: a title longer than prompt.max_title_tokens is cut to that many, and a prompt whose

@@ -9,7 +9,8 @@ import torch
 from binllm.codes import read_code_table, unpack_bits
 from binllm.config import EncoderConfig
 from binllm.encoder import (BinaryEncoder, MatrixFactorization, anneal_beta, export_codes, load_encoder,
-                            read_code_tables, save_encoder, score_pairs, sign_ste, train_encoder, write_code_tables)
+                            read_code_tables, rows_auc, save_encoder, score_pairs, sign_ste, train_encoder,
+                            write_code_tables)
 from binllm.metrics import auc
 from binllm.train.backend import LocalBackend
 from synthetic import make_planted_examples
@@ -87,6 +88,7 @@ def test_binmf_and_mf_learn_planted_structure(binmf, mf, planted):
     for result in (binmf, mf):
         assert result.best_auc > 0.75
         assert split_auc(result, planted, "test") > 0.75
+        assert rows_auc(result, split(planted, "test")) == pytest.approx(split_auc(result, planted, "test"), abs=1e-12)
     assert binmf.kind == "binary" and isinstance(binmf.model, BinaryEncoder)
     assert mf.kind == "mf" and isinstance(mf.model, MatrixFactorization)
     train_rows = split(planted, "train")

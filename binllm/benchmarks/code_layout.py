@@ -19,8 +19,7 @@ import dataclasses
 
 from binllm import sources
 from binllm.config import load_config
-from binllm.encoder import export_codes, score_pairs, train_encoder
-from binllm.metrics import auc
+from binllm.encoder import export_codes, rows_auc, train_encoder
 from binllm.run_steps import prepare_run
 from binllm.tune import stage_rows, tune_lora
 
@@ -53,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     binmf = train_encoder(examples, cfg.encoder, kind="binary", seed=cfg.run.seed)
     user_codes, item_codes = export_codes(binmf)
     _, valid = stage_rows(examples, cfg.tune.stage2, cfg.run.seed)
-    reference = auc(valid.column("label").to_numpy(), score_pairs(binmf, valid.column("user_id"),
-                                                                   valid.column("item_id")))
+    reference = rows_auc(binmf, valid)
     print(f"BinMF on the {len(valid)} validation rows: AUC {reference:.4f}", flush=True)
     curves = {}
     for layout in args.layouts:

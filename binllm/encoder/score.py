@@ -10,6 +10,7 @@ import torch
 from binllm.encoder.model import BinaryEncoder, MatrixFactorization
 from binllm.encoder.train import EncoderResult
 from binllm.encoder.vocab import as_string_array, lookup
+from binllm.metrics import auc
 
 CHUNK = 1 << 18
 
@@ -39,3 +40,9 @@ def score_pairs(result: EncoderResult, user_ids: Iterable[str] | pa.Array, item_
         i = item_vectors[torch.from_numpy(items[rows])]
         scores[rows] = (u * i).sum(-1).numpy()
     return scores
+
+
+def rows_auc(result: EncoderResult, rows: pa.Table) -> float:
+    """The encoder's AUC on `rows` (columns user_id, item_id, label): the bar an LLM validated on them must pass."""
+    logits = score_pairs(result, rows.column("user_id"), rows.column("item_id"))
+    return float(auc(rows.column("label").to_numpy(zero_copy_only=False), logits))

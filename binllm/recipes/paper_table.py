@@ -36,9 +36,9 @@ from safetensors.torch import save as save_safetensors
 from binllm import sources, storage, tracking
 from binllm.config import PAPER_METHODS, Config, PromptConfig, TuneConfig
 from binllm.data import split_rows
-from binllm.encoder import export_codes, load_encoder, score_pairs, train_encoder
+from binllm.encoder import export_codes, load_encoder, rows_auc, score_pairs, train_encoder
 from binllm.evaluation import llm_logits
-from binllm.metrics import (N_BOOT, PAPER_PAIRS, auc, evaluate_scores, format_pairs, format_report, match_pairs,
+from binllm.metrics import (N_BOOT, PAPER_PAIRS, evaluate_scores, format_pairs, format_report, match_pairs,
                             pairwise_report, report_table)
 from binllm.plots import plot_auc_bars, plot_score_distributions, plot_validation_curves
 from binllm.run_steps import prepare_run, publish_encoder
@@ -183,8 +183,7 @@ class PaperRun:
         """BinMF's AUC on the rows the code methods validate on (tune_lora's seeded stage-2 sample): the bar
         their validation curves must pass."""
         _, rows = stage_rows(self.examples, self.cfg.tune.stage2, self.cfg.run.seed)
-        logits = score_pairs(self.binmf(), rows.column("user_id"), rows.column("item_id"))
-        return float(auc(rows.column("label").to_numpy(zero_copy_only=False), np.asarray(logits)))
+        return rows_auc(self.binmf(), rows)
 
     def method_sections(self, spec: MethodSpec) -> tuple[PromptConfig, TuneConfig]:
         """The prompt and tune sections of an LLM method: one intuitive stage on its prompts (TO: text-only
