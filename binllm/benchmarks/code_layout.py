@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> None:
         (stage,) = tune_lora(examples, items, user_codes, item_codes, tune=cfg.tune, prompt=prompt, llm=cfg.llm,
                              seed=cfg.run.seed, model=model, tokenizer=tokenizer).stages
         curves[layout] = [(round(h["step"] * stage.prompts_per_step), h["auc"]) for h in stage.history]
-        print(f"{layout}: best validation AUC {stage.best_auc:.4f}, {stage.train_rows / stage.train_seconds:.2f} "
-              f"prompts/s; per prompts tuned: "
+        passes_per_second = stage.steps * stage.prompts_per_step / stage.train_seconds
+        print(f"{layout}: best validation AUC {stage.best_auc:.4f}, {passes_per_second:.2f} prompts/s; per prompts "
+              "tuned: "
               + ", ".join(f"{n}: {a:.4f}" for n, a in curves[layout]), flush=True)
     print(f"\nvalidation AUC against prompts tuned ({len(valid)} rows; BinMF {reference:.4f})")
     for layout, curve in curves.items():
