@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from binllm.config import ConfigError, load_config
@@ -30,9 +32,11 @@ def test_nested_sections_keep_defaults_for_keys_left_out(tmp_path):
     ("prompt.max_tokens=-1", "config key 'prompt.max_tokens': expected >= 0"),
     ("prompt.max_title_tokens=-5", "config key 'prompt.max_title_tokens': expected >= 0"),
     ("tune.lora.top_layers=-1", "config key 'tune.lora.top_layers': expected >= 0"),
+    ("tune.stage2.distill=1.5", "config key 'tune.stage2.distill': expected a weight in [0, 1]"),
+    ("tune.stage1.distill=-0.1", "config key 'tune.stage1.distill': expected a weight in [0, 1]"),
 ])
 def test_bad_keys_and_values_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
 
 

@@ -151,6 +151,8 @@ class StageConfig:
     patience: int = 3  # validations without AUC improvement before stopping
     max_train_rows: int = 0  # 0: all rows
     max_valid_rows: int = 0
+    distill: float = 0.0  # 0..1, prompts that show the codes: train on (1 - distill) x label + distill x the codes'
+    # own click estimate (Platt-scaled <h_u, h_i>, binllm.tune.code_targets); 0: the labels alone, as the paper
 
 
 @dataclass

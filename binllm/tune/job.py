@@ -30,6 +30,7 @@ from binllm.train.micro_batches import stage_steps
 from binllm.train.schedule import warmup_cosine
 from binllm.train.stages import StageAware
 from binllm.train.state import copy_into_parameters
+from binllm.tune.code_targets import distill_targets
 from binllm.tune.memory_probe import fit_micro_batch_tokens
 from binllm.tune.stage_data import PromptSet, Stage, stage_rows, tokenize_rows, tuning_stages
 from binllm.tune.stage_task import StageTask
@@ -202,6 +203,12 @@ def _stage_prompts(stage: Stage, examples: pa.Table, items: pa.Table, user_codes
         raise DataError(f"{stage.name}: examples have {train_rows.num_rows} train and {valid_rows.num_rows} "
                          "valid rows; tuning needs both")
     train, prompt_text = tokenize_rows(train_rows, items, user_codes, item_codes, prompt, stage.prompt_kind, tokenizer)
+    if stage.settings.distill > 0:
+        if stage.prompt_kind == "text":
+            log.info("%s: distill %.2f unused: text-only prompts show no codes", stage.name, stage.settings.distill)
+        else:
+            train.labels = distill_targets(train_rows, train.labels, user_codes, item_codes, stage.settings.distill,
+                                           stage.name)
     valid, _ = tokenize_rows(valid_rows, items, user_codes, item_codes, prompt, stage.prompt_kind, tokenizer)
     if len(np.unique(valid.labels)) < 2:
         raise DataError(f"{stage.name}: the validation rows hold one label class only; AUC is undefined")

@@ -27,7 +27,7 @@ class Stage:
 @dataclass
 class PromptSet:
     token_ids: list[list[int]]
-    labels: np.ndarray  # float32 0/1
+    labels: np.ndarray  # float32 training targets: 0/1 labels, or soft targets in [0, 1] (tune.stageN.distill)
     # Row i's tokens are its prefix's (token_ids[i][:prefix_lengths[i]]) then its suffix's; rows with the same
     # prefix_of_row share the prefix tokens. None: not known (no shared-prefix training).
     prefix_of_row: np.ndarray | None = None  # int64

@@ -1,0 +1,98 @@
+"""Soft targets from the codes' own click estimate (tune.stageN.distill): the agreement <h_u, h_i>, its Platt
+scaling, the mixed targets, and the stage prompts that train on them while validation keeps the labels."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.nn.functional as F
+
+from binllm.codes import code_table, unpack_bits
+from binllm.config import load_config
+from binllm.llm import load_causal_lm
+from binllm.tune import split_rows
+from binllm.tune.code_targets import code_agreement, distill_targets, platt_scale
+from binllm.tune.job import _stage_prompts
+from binllm.tune.stage_data import tuning_stages
+from synthetic import make_planted_examples
+
+RNG = np.random.default_rng(0)
+USER_BITS = RNG.integers(0, 256, (5, 4), dtype=np.uint8)
+ITEM_BITS = RNG.integers(0, 256, (4, 4), dtype=np.uint8)
+USER_CODES = code_table([f"u{k}" for k in range(5)], USER_BITS)
+ITEM_CODES = code_table([f"i{k}" for k in range(4)], ITEM_BITS)
+
+
+def _signs(packed: np.ndarray) -> np.ndarray:
+    return unpack_bits(packed).astype(np.float64) * 2 - 1
+
+
+def test_code_agreement_is_the_inner_product_of_the_two_sign_codes_and_flags_missing_codes():
+    rows = pa.table({"user_id": ["u0", "u4", "u9", "u2"], "item_id": ["i3", "i0", "i1", "i7"]})
+    dots, known = code_agreement(rows, USER_CODES, ITEM_CODES)
+    assert known.tolist() == [True, True, False, False]
+    users, items = _signs(USER_BITS), _signs(ITEM_BITS)
+    assert dots[0] == users[0] @ items[3] and dots[1] == users[4] @ items[0]
+    assert dots[2] == dots[3] == 0.0
+    assert set(np.abs(dots[:2]).astype(int) % 2) == {0}  # 32 bits: the agreement is even
+
+
+def test_platt_scale_recovers_the_logistic_parameters():
+    rng = np.random.default_rng(1)
+    x = rng.integers(-32, 33, 50_000).astype(np.float64)
+    labels = (rng.random(len(x)) < 1 / (1 + np.exp(-(0.08 * x - 0.4)))).astype(np.float64)
+    a, b = platt_scale(x, labels)
+    assert a == pytest.approx(0.08, abs=0.005) and b == pytest.approx(-0.4, abs=0.05)
+
+
+def test_platt_scale_stays_finite_on_separable_labels():
+    x = np.array([-3.0, -1.0, 1.0, 3.0])
+    a, b = platt_scale(x, (x > 0).astype(np.float64))
+    assert np.isfinite([a, b]).all() and a > 0
+
+
+def test_distill_targets_mix_label_and_the_scaled_agreement_and_keep_labels_without_codes():
+    rng = np.random.default_rng(2)
+    rows = pa.table({"user_id": [f"u{k}" for k in rng.integers(0, 6, 400)],  # u5 has no code
+                     "item_id": [f"i{k}" for k in rng.integers(0, 4, 400)]})
+    dots, known = code_agreement(rows, USER_CODES, ITEM_CODES)
+    labels = (rng.random(400) < 1 / (1 + np.exp(-0.1 * dots))).astype(np.float32)
+    assert (~known).any()
+    assert np.array_equal(distill_targets(rows, labels, USER_CODES, ITEM_CODES, 0.0, "stage2"), labels)
+    teacher = distill_targets(rows, labels, USER_CODES, ITEM_CODES, 1.0, "stage2")
+    assert np.array_equal(teacher[~known], labels[~known])
+    order = np.argsort(dots[known])
+    assert (np.diff(teacher[known][order]) >= 0).all() and 0 < teacher[known].min() < teacher[known].max() < 1
+    half = distill_targets(rows, labels, USER_CODES, ITEM_CODES, 0.5, "stage2")
+    np.testing.assert_allclose(half[known], 0.5 * labels[known] + 0.5 * teacher[known], rtol=1e-6)
+
+
+def test_bce_against_the_mixed_target_is_the_weighted_sum_of_the_two_losses():
+    scores, labels, p_codes, w = torch.randn(64), (torch.rand(64) < 0.5).float(), torch.rand(64), 0.3
+    mixed = F.binary_cross_entropy_with_logits(scores, (1 - w) * labels + w * p_codes)
+    apart = (1 - w) * F.binary_cross_entropy_with_logits(scores, labels) \
+        + w * F.binary_cross_entropy_with_logits(scores, p_codes)
+    assert mixed.item() == pytest.approx(apart.item(), rel=1e-6)
+
+
+def test_a_distilling_stage_trains_on_soft_targets_validates_on_labels_and_text_stages_keep_labels(tiny_llm_dir):
+    examples, items = make_planted_examples(5, 4, 300, seed=0, history_len=3)
+    cfg = load_config(None, ["tune.stage1.distill=0.5", "tune.stage2.distill=0.5", "tune.stage1.max_train_rows=64",
+                             "tune.stage2.max_train_rows=64", "tune.stage1.max_valid_rows=0",
+                             "tune.stage2.max_valid_rows=0"])
+    _, tokenizer = load_causal_lm(tiny_llm_dir)
+    text, full = tuning_stages(cfg.tune, "full")
+    prompts = {}
+    for stage in (text, full):
+        prompts[stage.name] = _stage_prompts(stage, examples, items, USER_CODES, ITEM_CODES, cfg.prompt, tokenizer,
+                                             cfg.run.seed)
+    train_rows = split_rows(examples, "train", 64, cfg.run.seed)
+    labels = train_rows.column("label").to_numpy().astype(np.float32)
+    text_train, text_valid, _ = prompts["stage1"]
+    full_train, full_valid, _ = prompts["stage2"]
+    assert np.array_equal(text_train.labels, labels)
+    np.testing.assert_array_equal(
+        full_train.labels, distill_targets(train_rows, labels, USER_CODES, ITEM_CODES, 0.5, "stage2"))
+    assert not np.isin(full_train.labels, (0.0, 1.0)).all()
+    assert np.isin(full_valid.labels, (0.0, 1.0)).all() and np.isin(text_valid.labels, (0.0, 1.0)).all()
