@@ -86,6 +86,15 @@ def test_paper_presets_load_with_the_official_settings():
     assert cpu.tune.stage1.max_train_rows > 0 and cpu.paper.max_test_rows > 0
 
 
+def test_demo_preset_only_resizes_the_defaults_and_distills_stage2():
+    base = load_config("ray_config.yaml")
+    demo = load_config(["ray_config.yaml", "cluster/presets/demo_cpu.yaml"])
+    assert (demo.data.format, demo.tune.stage2.max_train_rows, demo.demo.max_test_rows) == ("demo_ml1m", 2000, 2000)
+    assert (demo.tune.stage2.distill, demo.tune.stage1.distill, base.tune.stage2.distill) == (0.9, 0.0, 0.0)
+    assert (demo.tune.stage2.lr, demo.encoder.vocabulary, demo.prompt.code_format) == (
+        base.tune.stage2.lr, base.encoder.vocabulary, base.prompt.code_format)
+
+
 @pytest.mark.parametrize("name", ["../../escape", "a/b", "..", ".hidden", "x" * 129, "run name"])
 def test_run_names_that_would_leave_the_output_root_are_refused(name):
     with pytest.raises(ConfigError, match="config key 'run.name'"):
