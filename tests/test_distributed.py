@@ -40,10 +40,12 @@ TINY_TUNE = [
 @pytest.fixture(scope="module", autouse=True)
 def ray_local(tmp_path_factory):
     cache = tmp_path_factory.mktemp("binllm_cache")
+    worker_tmp = tmp_path_factory.mktemp("worker_tmp")  # the workers' TMPDIR: what they leave there is visible
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"BINLLM_CACHE": str(cache), "GLOO_SOCKET_IFNAME": "lo",
+                                       "TMPDIR": str(worker_tmp),
                                        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}})
-    yield
+    yield worker_tmp
     ray.shutdown()
 
 
@@ -66,7 +68,7 @@ def s3_settings(endpoint):
     return [f"storage.endpoint_url={endpoint}", "storage.region=us-east-1"]
 
 
-def test_zero3_tuning_on_s3_resumes_after_a_planted_failure(s3_bucket, s3_server, tiny_llm_dir, tmp_path):
+def test_zero3_tuning_on_s3_resumes_after_a_planted_failure(s3_bucket, s3_server, tiny_llm_dir, tmp_path, ray_local):
     cfg = load_config(None, [
         *TINY_TUNE, *s3_settings(s3_server), f"run.output_root={s3_bucket}/runs", "run.name=zero3",
         f"llm.model={s3_bucket}/models/tiny", "distributed.zero_stage=3", "distributed.fail_at_step=3",
@@ -111,6 +113,8 @@ def test_zero3_tuning_on_s3_resumes_after_a_planted_failure(s3_bucket, s3_server
     assert json.loads((again / TUNE_SUMMARY_FILE).read_text())["stages"] == summary["stages"]
     for name, value in load_file(again / "adapter_model.safetensors").items():
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+    # Restored checkpoints are unpacked into the workers' temp folder and removed once loaded (or not needed).
+    assert sorted(p.name for p in ray_local.glob("binllm-*")) == []
 
 
 def test_two_worker_encoder_matches_single_process(tmp_path):

@@ -78,6 +78,8 @@ class DeepSpeedBackend(StageAware):
             self._restored = torch.load(self._restore_dir / STATE_FILE, map_location="cpu", weights_only=False)
             log.info("rank %d: found checkpoint of stage %r (finished: %s)", self.rank, self._restored["stage"],
                      sorted(self._restored["finished"]))
+            if self._restored["client_state"] is None or self._restored["stage"] in self._restored["finished"]:
+                self._drop_restore_dir()  # no engine state to load: the summaries above are all it holds
         self.started_from_checkpoint = checkpoint is not None
         self.finished: dict[str, dict[str, Any]] = dict(self._restored.get("finished", {}))
 
@@ -184,6 +186,11 @@ class DeepSpeedBackend(StageAware):
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def _drop_restore_dir(self) -> None:
+        if self._restore_dir is not None:
+            shutil.rmtree(self._restore_dir, ignore_errors=True)
+            self._restore_dir = None
+
     def load_checkpoint(self):
         restored = self._restored
         if not restored or restored["stage"] != self.stage or restored["client_state"] is None:
@@ -193,5 +200,6 @@ class DeepSpeedBackend(StageAware):
         self.engine.load_checkpoint(str(self._restore_dir / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                                     load_module_strict=False, load_optimizer_states=True,
                                     load_lr_scheduler_states=True)
+        self._drop_restore_dir()
         log.info("rank %d: resumed stage %r at step %d", self.rank, self.stage, restored["client_state"]["step"])
         return restored["client_state"]
