@@ -84,6 +84,7 @@ def test_paper_presets_load_with_the_official_settings():
     assert cfg.prompt.code_format == "binary" and cfg.tune.stage2.micro_batch_tokens == 16384
     cpu = load_config(["ray_config.yaml", "cluster/presets/paper_ml1m.yaml", "cluster/presets/paper_ml1m_cpu.yaml"])
     assert cpu.tune.stage1.max_train_rows > 0 and cpu.paper.max_test_rows > 0
+    assert (cpu.tune.stage2.epochs, cpu.tune.stage2.distill, cpu.tune.stage1.distill) == (3, 0.9, 0.0)
 
 
 def test_demo_preset_only_resizes_the_defaults_and_distills_stage2():
