@@ -19,7 +19,8 @@ RAY = Path(sys.executable).with_name("ray")
 
 
 # The test tiers (README, "Tests"): a test that starts a real part is `integration` (Ray, the S3 server, a job
-# submitted to a Ray head) or `model` (builds and runs the tiny LLM); every other test is the unit tier,
+# submitted to a Ray head) or `model` (runs an LLM: the tiny one, or SmolLM2 in
+# test_defaults_learn, which marks itself); every other test is the unit tier,
 # which `make test-fast` runs. `make test` runs all of them.
 INTEGRATION_FIXTURES = {"ray_local", "ray_head", "s3_server", "s3_bucket"}
 MODEL_FIXTURES = {"tiny_llm_dir", "tiny_sentencepiece_llm_dir"}
