@@ -37,6 +37,9 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
         elif used & MODEL_FIXTURES:
             item.add_marker(pytest.mark.model)
+    # A long module runs first (make test passes --no-loadscope-reorder, so xdist keeps this order): started last,
+    # it would run alone on one core after every other module has finished.
+    items.sort(key=lambda item: item.get_closest_marker("run_first") is None)
 
 
 @pytest.fixture(scope="session", autouse=True)

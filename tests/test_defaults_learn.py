@@ -22,7 +22,8 @@ VALID_ROWS = 400
 # this bound, and the measured run (0.620 at the last validation, docs/RESULTS.md) 2.4 of them above it.
 LEARNS_ABOVE = 0.55
 
-pytestmark = pytest.mark.model  # runs a real LLM: not in `make test-fast`
+pytestmark = [pytest.mark.model,  # runs a real LLM: not in `make test-fast`
+              pytest.mark.run_first]  # about 10 minutes on one core: started before the rest of the suite
 
 
 def export_movielens_100k_csv(folder):
