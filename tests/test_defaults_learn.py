@@ -23,7 +23,7 @@ VALID_ROWS = 400
 LEARNS_ABOVE = 0.55
 
 pytestmark = [pytest.mark.model,  # runs a real LLM: not in `make test-fast`
-              pytest.mark.run_first]  # about 10 minutes on one core: started before the rest of the suite
+              pytest.mark.run_first]  # 12 minutes on one core beside another job: started before the rest
 
 
 def export_movielens_100k_csv(folder):
