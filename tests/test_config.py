@@ -29,6 +29,8 @@ def test_nested_sections_keep_defaults_for_keys_left_out(tmp_path):
     ("nokey", "expected key=value"),
     ("encoder.vocabulary=every", "config key 'encoder.vocabulary': expected one of"),
     ("paper.methods=[XX]", "config key 'paper.methods': expected some of"),
+    ("paper.blend=[TO]", "config key 'paper.blend': expected some of ['IO', 'IT', 'BinLLM']"),
+    ("paper.blend_valid_rows=-1", "config key 'paper.blend_valid_rows': expected >= 0"),
     ("prompt.max_tokens=-1", "config key 'prompt.max_tokens': expected >= 0"),
     ("prompt.max_title_tokens=-5", "config key 'prompt.max_title_tokens': expected >= 0"),
     ("tune.lora.top_layers=-1", "config key 'tune.lora.top_layers': expected >= 0"),

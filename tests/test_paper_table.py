@@ -1,4 +1,5 @@
-"""The paper-table job on planted data with the tiny LLM: every method, the report files, reuse on rerun."""
+"""The paper-table job on planted data with the tiny LLM: every method, the blend rows, the report files, the
+kept adapters, reuse on rerun."""
 import dataclasses
 import json
 import os
@@ -8,11 +9,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from safetensors.torch import load_file
+
+from binllm import sources
+from binllm.blend import fit_blend
 from binllm.config import load_config
 from binllm.data import split_rows
-from binllm.encoder import load_encoder, score_pairs
+from binllm.encoder import export_codes, load_encoder, score_pairs
+from binllm.evaluation import llm_logits
+from binllm.llm.lora import apply_lora
 from binllm.metrics import auc
 from binllm.recipes.paper_table import MethodSpec, method_specs, run_order, run_paper_table
+from binllm.train.state import copy_into_parameters
 from synthetic import make_planted_examples
 
 STAGE = {"epochs": 1, "micro_batch_size": 16, "max_train_rows": 96, "max_valid_rows": 32, "eval_every": 3,
@@ -32,7 +40,7 @@ def paper_cfg(tmp_path_factory, tiny_llm_dir):
         f"data.items={root / 'items.parquet'}", "data.columns.rating=", "data.columns.label=label",
         "data.split.kind=fractions", "data.history_len=3",
         "encoder.max_epochs=30", "encoder.patience=5", "encoder.anneal_epochs=10", "encoder.mf_dim=16",
-        f"llm.model={tiny_llm_dir}", "paper.max_test_rows=60",
+        f"llm.model={tiny_llm_dir}", "paper.max_test_rows=60", "paper.blend=[IO, BinLLM]", "paper.blend_valid_rows=40",
         f"tune.stage1={{{stage}}}", f"tune.stage2={{{stage}}}",
     ])
 
@@ -45,7 +53,8 @@ def paper_run(paper_cfg):
 def test_every_method_of_the_table_with_both_code_formats(paper_run):
     names = [row["method"] for row in paper_run.metrics.to_pylist()]
     assert names == ["MF", "BinMF", "TO", "IO (binary)", "IO (dotted)", "IT (binary)", "IT (dotted)",
-                     "BinLLM (binary)", "BinLLM (dotted)"]
+                     "BinLLM (binary)", "BinLLM (dotted)", "IO+BinMF (binary)", "IO+BinMF (dotted)",
+                     "BinLLM+BinMF (binary)", "BinLLM+BinMF (dotted)"]
     assert all(row["all_rows"] == 60 for row in paper_run.metrics.to_pylist())
     assert all(0.0 <= row["all_auc"] <= 1.0 for row in paper_run.metrics.to_pylist())
     by_name = {r.spec.name: r for r in paper_run.results}
@@ -68,13 +77,17 @@ def test_report_files(paper_cfg, paper_run):
     assert set(payload["methods"]) == {r.spec.name for r in paper_run.results}
     assert any("warm: user and item each have >= 4 train rows" in n for n in payload["notes"])
     scores = pq.read_table(f"{folder}/test_scores.parquet")
-    assert scores.num_rows == 9 * 60
+    assert scores.num_rows == 13 * 60
     md = open(f"{folder}/metrics.md").read()
     assert "BinLLM (dotted)" in md and "LLM score: logit(' Yes') - logit(' No')" in md
-    # AUC differences of the paper's pairs, per code format: 6 pairs with a coded method on each side x 2 + 3
+    # AUC differences of the paper's pairs, per code format: 6 pairs with a coded method on each side x 2 + 3;
+    # then each blend row against BinMF and against its method alone: 2 blended methods x 2 formats x 2
     pairs = payload["pairs"]
-    assert len(pairs) == 15 and (pairs[0]["a"], pairs[0]["b"]) == ("BinLLM (binary)", "BinMF")
-    assert ("BinLLM (dotted)", "IO (dotted)") in {(p["a"], p["b"]) for p in pairs}
+    assert len(pairs) == 15 + 8 and (pairs[0]["a"], pairs[0]["b"]) == ("BinLLM (binary)", "BinMF")
+    named = {(p["a"], p["b"]) for p in pairs}
+    assert ("BinLLM (dotted)", "IO (dotted)") in named
+    assert {("IO+BinMF (dotted)", "BinMF"), ("IO+BinMF (dotted)", "IO (dotted)"),
+            ("BinLLM+BinMF (binary)", "BinLLM (binary)")} <= named
     assert all(p["rows"] == 60 and p["low"] <= p["high"] and 0 <= p["p_le_0"] <= 1 for p in pairs)
     assert "BinLLM (binary) - BinMF" in md and "BinLLM (binary) - BinMF" in paper_run.text
     # valid_auc.png draws validation AUC against prompts tuned, with BinMF's AUC on the same validation rows.
@@ -106,3 +119,40 @@ def test_run_order_puts_the_headline_comparison_first():
     assert [s.name for s in run_order(specs)] == [
         "MF", "BinMF", "TO", "BinLLM (binary)", "IT (binary)", "IO (binary)", "BinLLM (dotted)", "IT (dotted)",
         "IO (dotted)"]
+
+
+def test_blend_row_is_a_logistic_regression_on_binmf_and_the_kept_adapters_scores(paper_cfg, paper_run):
+    # The kept adapter, attached to a fresh base model, scores the blend validation rows as the run saved them;
+    # the blend row is the logistic regression on BinMF's and those logits, applied to the test rows.
+    folder = f"{paper_cfg.run_dir()}/paper"
+    examples = pq.read_table(f"{paper_cfg.run_dir()}/examples/examples.parquet")
+    items = pq.read_table(f"{paper_cfg.run_dir()}/examples/items.parquet")
+    valid = split_rows(examples, "valid", 40, paper_cfg.run.seed + 2)
+    binmf = load_encoder(f"{paper_cfg.run_dir()}/encoder")
+    user_codes, item_codes = export_codes(binmf)
+    saved = pq.read_table(f"{folder}/methods/IO-dotted.valid.parquet").column("logit").to_numpy()
+    assert len(saved) == valid.num_rows == 40
+
+    model, tokenizer = sources.load_base_model(paper_cfg.llm, paper_cfg.storage, device="cpu")
+    lora = paper_cfg.tune.lora
+    model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+                       top_layers=lora.top_layers)
+    copy_into_parameters(model, load_file(f"{folder}/adapters/IO-dotted.safetensors"))
+    model.eval()
+    prompt = dataclasses.replace(paper_cfg.prompt, kind="codes", code_format="dotted")
+    again, _ = llm_logits(valid, items, user_codes, item_codes, prompt=prompt, llm=paper_cfg.llm,
+                          score=paper_cfg.score, model=model, tokenizer=tokenizer)
+    np.testing.assert_allclose(again, saved, atol=1e-4)
+
+    def binmf_logits(rows):
+        return np.asarray(score_pairs(binmf, rows.column("user_id"), rows.column("item_id")), np.float64)
+
+    blend = fit_blend(np.column_stack([binmf_logits(valid), saved]), valid.column("label").to_numpy(),
+                      names=("BinMF", "IO"))
+    by_name = {r.spec.name: r for r in paper_run.results}
+    test = paper_run.test
+    want = blend.logits(np.column_stack([binmf_logits(test), by_name["IO (dotted)"].logits]))
+    np.testing.assert_allclose(by_name["IO+BinMF (dotted)"].logits, want, rtol=1e-5, atol=1e-5)
+    assert by_name["IO+BinMF (dotted)"].notes["blend"]["names"] == ["BinMF", "IO"]
+    assert not os.path.exists(f"{folder}/methods/IT-dotted.valid.parquet")  # IT is not in paper.blend
+    assert os.path.exists(f"{folder}/adapters/IT-dotted.safetensors")  # every LLM method's adapter is kept

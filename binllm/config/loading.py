@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from binllm.config.sections import CREDENTIAL_KEYS, PAPER_METHODS, Config, ConfigError
+from binllm.config.sections import CODE_METHODS, CREDENTIAL_KEYS, PAPER_METHODS, Config, ConfigError
 
 
 def _type_name(tp: Any) -> str:
@@ -251,6 +251,12 @@ def _check_paper(cfg: Config) -> None:
     if bad_formats or not cfg.paper.code_formats:
         raise ConfigError(f"config key 'paper.code_formats': expected some of ['binary', 'dotted'], got "
                           f"{cfg.paper.code_formats}")
+    if set(cfg.paper.blend) - set(CODE_METHODS):
+        raise ConfigError(f"config key 'paper.blend': expected some of {list(CODE_METHODS)} (the methods "
+                          f"that read the codes), got {cfg.paper.blend}")
+    if cfg.paper.blend_valid_rows < 0:
+        raise ConfigError(f"config key 'paper.blend_valid_rows': expected >= 0 (0: no blend rows), got "
+                          f"{cfg.paper.blend_valid_rows}")
 
 
 # A registered adapter (jobs.score): models:/<name>/<version> or models:/<name>@<alias> (binllm.tracking).

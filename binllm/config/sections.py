@@ -233,6 +233,7 @@ class EvalConfig:
 
 
 PAPER_METHODS = ("MF", "BinMF", "TO", "IO", "IT", "BinLLM")  # the rows of the paper's table, in its order
+CODE_METHODS = ("IO", "IT", "BinLLM")  # the LLM methods whose prompts hold the codes
 
 
 @dataclass
@@ -241,6 +242,8 @@ class PaperConfig:
     code_formats: list[str] = field(default_factory=lambda: ["binary", "dotted"])
     max_test_rows: int = 0  # score at most this many test rows (a seeded sample); 0: the whole test split
     time_budget_s: int = 0  # start no new method after this many seconds (a rerun adds the rest); 0: none
+    blend: list[str] = field(default_factory=lambda: ["BinLLM"])  # code methods that get a "<method>+BinMF" row
+    blend_valid_rows: int = 0  # validation rows that fit those rows (logistic regression on both logits); 0: none
 
 
 @dataclass

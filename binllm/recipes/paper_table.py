@@ -12,6 +12,12 @@ finishes, and a rerun of the same run skips the methods already there: the encod
 and the LLM methods on a GPU, and an interrupted run loses one method at most. Report: <run dir>/paper/
 metrics.md, metrics.json, test_scores.parquet, auc_bars.png, valid_auc.png, score_dist.png; the report has AUC
 differences of the pairs the paper orders with paired-bootstrap 95% intervals (`pairs` in metrics.json).
+Every LLM method's adapter is kept (<run dir>/paper/adapters/<method>.safetensors).
+
+Beyond the paper, as rows of their own: with paper.blend_valid_rows > 0, each code method in paper.blend also
+scores that many seeded validation rows, and the table gets a "<method>+BinMF" row: a logistic regression on
+BinMF's and the method's logits fitted on those rows (binllm.blend), applied to the test rows, with the
+intervals of its differences from BinMF and from the method alone. The method's own row is unchanged.
 The MLflow run `<run.name>-paper_table` (binllm.tracking) holds the config, each method's validation curves
 (<method>/<stage>/valid_auc per step), its test metrics (test/<method>/<metric>), the report and the plots.
 
@@ -34,7 +40,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from binllm import sources, storage, tracking
-from binllm.config import PAPER_METHODS, Config, PromptConfig, TuneConfig
+from binllm.blend import fit_blend
+from binllm.config import CODE_METHODS, PAPER_METHODS, Config, PromptConfig, TuneConfig
 from binllm.data import split_rows
 from binllm.encoder import export_codes, load_encoder, rows_auc, score_pairs, train_encoder
 from binllm.evaluation import llm_logits
@@ -49,7 +56,7 @@ log = logging.getLogger(__name__)
 SECTIONS = ("run", "storage", "data", "encoder", "prompt", "llm", "tune", "score", "paper", "tracking")
 PAPER_DIR = "paper"
 METHODS = PAPER_METHODS
-CODE_METHODS = ("IO", "IT", "BinLLM")
+BLEND_PARTNER = "BinMF"
 PAPER_ML1M = {  # AUC, UAUC on ML-1M (Zhang et al. 2024, Table 2)
     "MF": (0.6482, 0.6361), "BinMF": (0.7189, 0.6654), "TO": (0.7097, 0.6818), "IO": (0.7307, 0.6797),
     "IT": (0.7286, 0.6842), "BinLLM": (0.7425, 0.6956),
@@ -77,6 +84,7 @@ class MethodResult:
     seconds: float
     stages: list[dict] = field(default_factory=list)  # StageResult dicts (LLM methods)
     notes: dict = field(default_factory=dict)
+    valid_logits: np.ndarray | None = None  # float32, one per blend validation row (methods in paper.blend)
 
 
 def method_specs(methods: list[str], code_formats: list[str]) -> list[MethodSpec]:
@@ -113,13 +121,21 @@ def _saved(cfg: Config, spec: MethodSpec, n_rows: int) -> MethodResult | None:
     if len(logits) != n_rows:
         raise ValueError(f"{meta_uri}: scores for {len(logits)} test rows, this run's test sample has {n_rows}; "
                          "remove the paper/ folder or use another run.name")
-    return MethodResult(spec, logits, meta["seconds"], meta["stages"], meta["notes"])
+    valid_uri = paper_uri(cfg, "methods", f"{spec.slug}.valid.parquet")
+    valid = None
+    if storage.exists(valid_uri, cfg.storage):
+        valid = storage.read_table(valid_uri, cfg.storage, what="method validation scores")
+        valid = valid.column("logit").to_numpy(zero_copy_only=False).astype(np.float32)
+    return MethodResult(spec, logits, meta["seconds"], meta["stages"], meta["notes"], valid)
 
 
 def _save(cfg: Config, result: MethodResult) -> None:
     slug = result.spec.slug
     storage.write_table(pa.table({"logit": pa.array(result.logits, pa.float32())}),
                         paper_uri(cfg, "methods", f"{slug}.parquet"), cfg.storage)
+    if result.valid_logits is not None:
+        storage.write_table(pa.table({"logit": pa.array(result.valid_logits, pa.float32())}),
+                            paper_uri(cfg, "methods", f"{slug}.valid.parquet"), cfg.storage)
     storage.write_json({"method": result.spec.name, "seconds": result.seconds, "stages": result.stages,
                         "notes": result.notes}, paper_uri(cfg, "methods", f"{slug}.json"), cfg.storage)
 
@@ -133,6 +149,12 @@ class PaperRun:
         self.test = split_rows(self.examples, "test", cfg.paper.max_test_rows, cfg.run.seed)
         if self.test.num_rows == 0:
             raise ValueError("examples: split 'test' has no rows")
+        self.blend_rows = None  # the seeded validation rows of the blend rows (paper.blend_valid_rows)
+        if cfg.paper.blend_valid_rows:
+            self.blend_rows = split_rows(self.examples, "valid", cfg.paper.blend_valid_rows, cfg.run.seed + 2)
+            if self.blend_rows.num_rows == 0:
+                raise ValueError("examples: split 'valid' has no rows to fit the blend rows on "
+                                 "(paper.blend_valid_rows)")
         self.finished: dict[MethodSpec, MethodResult] = {}  # filled by `run`, in run_order
         self._binmf = None
         self._codes: tuple[pa.Table, pa.Table] | None = None
@@ -207,10 +229,13 @@ class PaperRun:
         model, tokenizer = sources.load_base_model(cfg.llm, cfg.storage, device=self.device)
         tuned = tune_lora(self.examples, self.items, user_codes, item_codes, tune=tune, prompt=prompt, llm=cfg.llm,
                           seed=cfg.run.seed, model=model, tokenizer=tokenizer, initial_adapter=initial)
-        if spec.method == "TO":
-            self._save_to_adapter(tuned.adapter_state)
+        self._save_adapter(spec, tuned.adapter_state)
         logits, fallbacks = llm_logits(self.test, self.items, user_codes, item_codes, prompt=prompt, llm=cfg.llm,
                                        score=cfg.score, model=tuned.model, tokenizer=tokenizer)
+        valid_logits = None
+        if self.blends(spec):
+            valid_logits, _ = llm_logits(self.blend_rows, self.items, user_codes, item_codes, prompt=prompt,
+                                         llm=cfg.llm, score=cfg.score, model=tuned.model, tokenizer=tokenizer)
         stages = [dataclasses.asdict(s) for s in tuned.stages]
         if spec.method == "TO":
             stages = [{**s, "name": "stage1"} for s in stages]  # TO is BinLLM's stage 1
@@ -220,7 +245,40 @@ class PaperRun:
         del model, tuned
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        return MethodResult(spec, logits, time.perf_counter() - started, stages, notes)
+        return MethodResult(spec, logits, time.perf_counter() - started, stages, notes, valid_logits)
+
+    def blends(self, spec: MethodSpec) -> bool:
+        """Whether `spec` gets a "<method>+BinMF" row (and so scores the blend validation rows)."""
+        return bool(self.cfg.paper.blend_valid_rows) and spec.method in self.cfg.paper.blend
+
+    def blend_row(self, result: MethodResult) -> MethodResult:
+        """The "<method>+BinMF" row of a finished code method: a logistic regression on BinMF's and the method's
+        logits, fitted on the blend validation rows and applied to the test rows."""
+        started = time.perf_counter()
+        spec = result.spec
+        if result.valid_logits is None or len(result.valid_logits) != self.blend_rows.num_rows:
+            got = "none" if result.valid_logits is None else len(result.valid_logits)
+            raise ValueError(f"{paper_uri(self.cfg, 'methods', spec.slug + '.valid.parquet')}: method {spec.name} "
+                             f"has scores for {got} blend validation rows, paper.blend_valid_rows asks for "
+                             f"{self.blend_rows.num_rows}; remove paper/methods/{spec.slug}.* to rerun the method")
+        binmf = self.binmf()
+
+        def features(rows: pa.Table, logits: np.ndarray) -> np.ndarray:
+            partner = score_pairs(binmf, rows.column("user_id"), rows.column("item_id"))
+            return np.column_stack([np.asarray(partner, np.float64), logits.astype(np.float64)])
+
+        labels = self.blend_rows.column("label").to_numpy(zero_copy_only=False)
+        blend = fit_blend(features(self.blend_rows, result.valid_logits), labels, names=(BLEND_PARTNER, spec.method))
+        logits = blend.logits(features(self.test, result.logits))
+        notes = {"blend": blend.to_dict(), "valid_rows": self.blend_rows.num_rows}
+        return MethodResult(blend_spec(spec), logits, time.perf_counter() - started, [], notes)
+
+    def _save_adapter(self, spec: MethodSpec, state: dict[str, torch.Tensor]) -> None:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        if spec.method == "TO":
+            self._to_adapter = state
+        storage.write_bytes(save_safetensors(state), paper_uri(self.cfg, "adapters", f"{spec.slug}.safetensors"),
+                            self.cfg.storage)
 
     def to_adapter(self) -> dict[str, torch.Tensor]:
         if self._to_adapter is None:
@@ -233,10 +291,15 @@ class PaperRun:
                 self._to_adapter = load_safetensors(f.read())
         return self._to_adapter
 
-    def _save_to_adapter(self, state: dict[str, torch.Tensor]) -> None:
-        self._to_adapter = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        storage.write_bytes(save_safetensors(self._to_adapter), paper_uri(self.cfg, "adapters", "TO.safetensors"),
-                            self.cfg.storage)
+
+def blend_spec(spec: MethodSpec) -> MethodSpec:
+    return MethodSpec(f"{spec.method}+{BLEND_PARTNER}", spec.code_format)
+
+
+def blend_pairs(methods: list[str]) -> tuple[tuple[str, str], ...]:
+    """The blend rows' pairs: each against BinMF and against its method alone."""
+    return tuple(pair for m in methods for pair in ((f"{m}+{BLEND_PARTNER}", BLEND_PARTNER),
+                                                    (f"{m}+{BLEND_PARTNER}", m)))
 
 
 @dataclass
@@ -306,10 +369,17 @@ def _run_methods(cfg: Config, paper: PaperRun) -> PaperTable:
         log.warning("paper.time_budget_s (%d s) spent: not run %s; a rerun of this run.name adds them",
                     cfg.paper.time_budget_s, skipped)
     results = [done[s] for s in specs if s in done]
+    blends = [paper.blend_row(r) for r in results if paper.blends(r.spec)]
+    for blend in blends:
+        scored[blend.spec] = evaluate_scores(paper.test, blend.logits)
+        log.info("%s: test AUC %.4f (weights %s)", blend.spec.name, scored[blend.spec]["all_auc"],
+                 np.round(blend.notes["blend"]["weights"], 3).tolist())
+    results += blends
     metrics = report_table({r.spec.name: scored[r.spec] for r in results})
     logits = {r.spec.name: r.logits for r in results}
+    wanted = PAPER_PAIRS + blend_pairs(list(dict.fromkeys(r.spec.method for r in results if paper.blends(r.spec))))
     pairs = pairwise_report(logits, paper.test.column("label").to_numpy(zero_copy_only=False),
-                            match_pairs(PAPER_PAIRS, list(logits)), N_BOOT, cfg.run.seed)
+                            match_pairs(wanted, list(logits)), N_BOOT, cfg.run.seed)
     text = "\n\n".join(t for t in (format_report(metrics), format_pairs(pairs)) if t)
     references = {}
     if MethodSpec("BinMF") in done and any(r.spec.method in CODE_METHODS for r in results):
@@ -326,6 +396,9 @@ def _profile_notes(cfg: Config, test: pa.Table) -> list[str]:
                          f"{stage.max_valid_rows or 'all'} valid rows")
     if cfg.paper.max_test_rows:
         notes.append(f"test rows subsampled: {test.num_rows} (seeded)")
+    if cfg.paper.blend_valid_rows:
+        notes.append(f"<method>+{BLEND_PARTNER} rows (beyond the paper): logistic regression on {BLEND_PARTNER}'s and "
+                     f"the method's logits, fitted on {cfg.paper.blend_valid_rows} seeded validation rows at most")
     notes.append(f"warm: user and item each have >= {cfg.data.warm_min_train} train rows; codes for "
                  f"{'every id' if cfg.encoder.vocabulary == 'all' else 'ids seen in train (others: text-only prompt)'}")
     score = ("logit(' Yes') - logit(' No')" if cfg.llm.negative_answer else "the raw ' Yes' logit")
