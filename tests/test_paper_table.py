@@ -113,6 +113,18 @@ def test_rerun_reuses_finished_methods(paper_cfg, paper_run, tmp_path):
     assert again.metrics.column("all_auc").to_pylist() == paper_run.metrics.column("all_auc").to_pylist()
 
 
+def test_a_reused_method_without_blend_validation_scores_gets_no_blend_row_and_a_note(paper_cfg, paper_run, tmp_path):
+    shutil.copytree(paper_cfg.run_dir(), tmp_path / "runs" / paper_cfg.run.name)
+    copy_cfg = dataclasses.replace(paper_cfg, run=dataclasses.replace(paper_cfg.run, output_root=str(tmp_path / "runs")))
+    os.remove(f"{copy_cfg.run_dir()}/paper/methods/IO-binary.valid.parquet")  # as if scored before paper.blend
+    again = run_paper_table(copy_cfg, device="cpu")
+    names = [r.spec.name for r in again.results]
+    assert "IO+BinMF (binary)" not in names and "IO+BinMF (dotted)" in names and "BinLLM+BinMF (binary)" in names
+    md = open(f"{copy_cfg.run_dir()}/paper/metrics.md").read()
+    assert "no blend row for IO (binary) (its scores of the 40 blend validation rows are missing" in md
+    assert "IO+BinMF (binary) - BinMF" not in md and "IO+BinMF (dotted) - BinMF" in md
+
+
 def test_run_order_puts_the_headline_comparison_first():
     specs = method_specs(["MF", "BinMF", "IO", "IT", "BinLLM"], ["binary", "dotted"])
     assert MethodSpec("TO") in specs  # BinLLM's stage 1

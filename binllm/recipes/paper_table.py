@@ -251,16 +251,16 @@ class PaperRun:
         """Whether `spec` gets a "<method>+BinMF" row (and so scores the blend validation rows)."""
         return bool(self.cfg.paper.blend_valid_rows) and spec.method in self.cfg.paper.blend
 
+    def can_blend(self, result: MethodResult) -> bool:
+        """Whether `result` holds scores of this run's blend validation rows (a method finished by an earlier
+        invocation with another paper.blend_valid_rows, or none, does not)."""
+        return result.valid_logits is not None and len(result.valid_logits) == self.blend_rows.num_rows
+
     def blend_row(self, result: MethodResult) -> MethodResult:
-        """The "<method>+BinMF" row of a finished code method: a logistic regression on BinMF's and the method's
-        logits, fitted on the blend validation rows and applied to the test rows."""
+        """The "<method>+BinMF" row of a finished code method (`can_blend`): a logistic regression on BinMF's and
+        the method's logits, fitted on the blend validation rows and applied to the test rows."""
         started = time.perf_counter()
         spec = result.spec
-        if result.valid_logits is None or len(result.valid_logits) != self.blend_rows.num_rows:
-            got = "none" if result.valid_logits is None else len(result.valid_logits)
-            raise ValueError(f"{paper_uri(self.cfg, 'methods', spec.slug + '.valid.parquet')}: method {spec.name} "
-                             f"has scores for {got} blend validation rows, paper.blend_valid_rows asks for "
-                             f"{self.blend_rows.num_rows}; remove paper/methods/{spec.slug}.* to rerun the method")
         binmf = self.binmf()
 
         def features(rows: pa.Table, logits: np.ndarray) -> np.ndarray:
@@ -313,6 +313,7 @@ class PaperTable:
     device: str = "cpu"
     pairs: pa.Table | None = None  # pairwise_report of PAPER_PAIRS among the methods run
     valid_references: dict[str, float] = field(default_factory=dict)  # drawn across valid_auc.png
+    unblended: list[str] = field(default_factory=list)  # methods in paper.blend left without a blend row, and why
 
 
 def run_paper_table(cfg: Config, device: str | None = None) -> PaperTable:
@@ -369,7 +370,13 @@ def _run_methods(cfg: Config, paper: PaperRun) -> PaperTable:
         log.warning("paper.time_budget_s (%d s) spent: not run %s; a rerun of this run.name adds them",
                     cfg.paper.time_budget_s, skipped)
     results = [done[s] for s in specs if s in done]
-    blends = [paper.blend_row(r) for r in results if paper.blends(r.spec)]
+    blended = [r for r in results if paper.blends(r.spec)]
+    blends = [paper.blend_row(r) for r in blended if paper.can_blend(r)]
+    unblended = [f"{r.spec.name} (its scores of the {paper.blend_rows.num_rows} blend validation rows are missing: "
+                 f"finished by an earlier invocation; remove paper/methods/{r.spec.slug}.* to rerun it)"
+                 for r in blended if not paper.can_blend(r)]
+    if unblended:
+        log.warning("no blend row for %s", "; ".join(unblended))
     for blend in blends:
         scored[blend.spec] = evaluate_scores(paper.test, blend.logits)
         log.info("%s: test AUC %.4f (weights %s)", blend.spec.name, scored[blend.spec]["all_auc"],
@@ -377,7 +384,7 @@ def _run_methods(cfg: Config, paper: PaperRun) -> PaperTable:
     results += blends
     metrics = report_table({r.spec.name: scored[r.spec] for r in results})
     logits = {r.spec.name: r.logits for r in results}
-    wanted = PAPER_PAIRS + blend_pairs(list(dict.fromkeys(r.spec.method for r in results if paper.blends(r.spec))))
+    wanted = PAPER_PAIRS + blend_pairs(list(dict.fromkeys(r.spec.method for r in blended)))
     pairs = pairwise_report(logits, paper.test.column("label").to_numpy(zero_copy_only=False),
                             match_pairs(wanted, list(logits)), N_BOOT, cfg.run.seed)
     text = "\n\n".join(t for t in (format_report(metrics), format_pairs(pairs)) if t)
@@ -385,7 +392,7 @@ def _run_methods(cfg: Config, paper: PaperRun) -> PaperTable:
     if MethodSpec("BinMF") in done and any(r.spec.method in CODE_METHODS for r in results):
         references["BinMF on the stage-2 validation rows"] = paper.binmf_valid_auc()
     return PaperTable(metrics, results, paper.test, text, time.perf_counter() - started, skipped, device, pairs,
-                      references)
+                      references, unblended)
 
 
 def _profile_notes(cfg: Config, test: pa.Table) -> list[str]:
@@ -420,6 +427,7 @@ def write_report(cfg: Config, table: PaperTable) -> None:
     notes = _profile_notes(cfg, test)
     if table.skipped:
         notes.append(f"not run within paper.time_budget_s: {', '.join(table.skipped)}")
+    notes += [f"no blend row for {name}" for name in table.unblended]
     machine = torch.cuda.get_device_name() if table.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     payload = {"run": cfg.run.name, "device": machine, "wall_seconds": table.seconds, "notes": notes,
                "methods": {r["method"]: r for r in rows},
