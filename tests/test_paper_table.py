@@ -149,7 +149,9 @@ def test_blend_row_is_a_logistic_regression_on_binmf_and_the_kept_adapters_score
     lora = paper_cfg.tune.lora
     model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
                        top_layers=lora.top_layers)
-    copy_into_parameters(model, load_file(f"{folder}/adapters/IO-dotted.safetensors"))
+    adapter = load_file(f"{folder}/adapters/IO-dotted.safetensors")
+    assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)  # tuned, not fresh LoRA
+    copy_into_parameters(model, adapter)
     model.eval()
     prompt = dataclasses.replace(paper_cfg.prompt, kind="codes", code_format="dotted")
     again, _ = llm_logits(valid, items, user_codes, item_codes, prompt=prompt, llm=paper_cfg.llm,
