@@ -292,14 +292,18 @@ class PaperRun:
         return self._to_adapter
 
 
+def blend_method(method: str) -> str:
+    """The name of `method`'s blend row: "<method>+BinMF"."""
+    return f"{method}+{BLEND_PARTNER}"
+
+
 def blend_spec(spec: MethodSpec) -> MethodSpec:
-    return MethodSpec(f"{spec.method}+{BLEND_PARTNER}", spec.code_format)
+    return MethodSpec(blend_method(spec.method), spec.code_format)
 
 
 def blend_pairs(methods: list[str]) -> tuple[tuple[str, str], ...]:
     """The blend rows' pairs: each against BinMF and against its method alone."""
-    return tuple(pair for m in methods for pair in ((f"{m}+{BLEND_PARTNER}", BLEND_PARTNER),
-                                                    (f"{m}+{BLEND_PARTNER}", m)))
+    return tuple(pair for m in methods for pair in ((blend_method(m), BLEND_PARTNER), (blend_method(m), m)))
 
 
 @dataclass
