@@ -10,11 +10,13 @@ import torch.nn.functional as F
 
 from binllm.codes import code_table, unpack_bits
 from binllm.config import load_config
-from binllm.llm import load_causal_lm
+from binllm.llm import answer_tokens, load_causal_lm
+from binllm.train.backend import LocalBackend
 from binllm.tune import split_rows
-from binllm.tune.code_targets import code_agreement, distill_targets, platt_scale
+from binllm.tune.code_targets import code_agreement, code_estimates, mix_targets, platt_scale
 from binllm.tune.job import _stage_prompts
 from binllm.tune.stage_data import tuning_stages
+from binllm.tune.stage_task import StageTask
 from synthetic import make_planted_examples
 
 RNG = np.random.default_rng(0)
@@ -52,6 +54,10 @@ def test_platt_scale_stays_finite_on_separable_labels():
     assert np.isfinite([a, b]).all() and a > 0
 
 
+def _distill_targets(rows, labels, weight):
+    return mix_targets(labels, code_estimates(rows, labels, USER_CODES, ITEM_CODES, "stage2"), weight)
+
+
 def test_distill_targets_mix_label_and_the_scaled_agreement_and_keep_labels_without_codes():
     rng = np.random.default_rng(2)
     rows = pa.table({"user_id": [f"u{k}" for k in rng.integers(0, 6, 400)],  # u5 has no code
@@ -59,13 +65,20 @@ def test_distill_targets_mix_label_and_the_scaled_agreement_and_keep_labels_with
     dots, known = code_agreement(rows, USER_CODES, ITEM_CODES)
     labels = (rng.random(400) < 1 / (1 + np.exp(-0.1 * dots))).astype(np.float32)
     assert (~known).any()
-    assert np.array_equal(distill_targets(rows, labels, USER_CODES, ITEM_CODES, 0.0, "stage2"), labels)
-    teacher = distill_targets(rows, labels, USER_CODES, ITEM_CODES, 1.0, "stage2")
+    assert np.array_equal(_distill_targets(rows, labels, 0.0), labels)
+    teacher = _distill_targets(rows, labels, 1.0)
     assert np.array_equal(teacher[~known], labels[~known])
     order = np.argsort(dots[known])
     assert (np.diff(teacher[known][order]) >= 0).all() and 0 < teacher[known].min() < teacher[known].max() < 1
-    half = distill_targets(rows, labels, USER_CODES, ITEM_CODES, 0.5, "stage2")
+    half = _distill_targets(rows, labels, 0.5)
     np.testing.assert_allclose(half[known], 0.5 * labels[known] + 0.5 * teacher[known], rtol=1e-6)
+
+
+def test_code_estimates_refuse_rows_whose_codes_hold_one_label_only():
+    rows = pa.table({"user_id": ["u0", "u1", "u9"], "item_id": ["i0", "i1", "i2"]})
+    labels = np.array([1.0, 1.0, 0.0], dtype=np.float32)  # the one negative row has no user code
+    assert code_estimates(rows, labels, USER_CODES, ITEM_CODES, "stage2") is None
+    assert np.array_equal(mix_targets(labels, None, 0.9), labels)
 
 
 def test_bce_against_the_mixed_target_is_the_weighted_sum_of_the_two_losses():
@@ -92,7 +105,37 @@ def test_a_distilling_stage_trains_on_soft_targets_validates_on_labels_and_text_
     text_train, text_valid, _ = prompts["stage1"]
     full_train, full_valid, _ = prompts["stage2"]
     assert np.array_equal(text_train.labels, labels)
-    np.testing.assert_array_equal(
-        full_train.labels, distill_targets(train_rows, labels, USER_CODES, ITEM_CODES, 0.5, "stage2"))
-    assert not np.isin(full_train.labels, (0.0, 1.0)).all()
+    everything = np.arange(len(full_train))
+    assert text_train.code_estimates is None and np.array_equal(full_train.labels, labels)
+    np.testing.assert_array_equal(full_train.targets(everything, 0.5), _distill_targets(train_rows, labels, 0.5))
+    assert not np.isin(full_train.targets(everything, 0.5), (0.0, 1.0)).all()
     assert np.isin(full_valid.labels, (0.0, 1.0)).all() and np.isin(text_valid.labels, (0.0, 1.0)).all()
+
+
+def test_an_annealed_stage_trains_each_step_on_the_distill_weight_of_that_step(tiny_llm_dir):
+    """distill 0.9 -> distill_end 0.0 over 10 steps: step k trains on (1 - w_k) x label + w_k x estimate."""
+    examples, items = make_planted_examples(5, 4, 300, seed=0, history_len=3)
+    cfg = load_config(None, ["tune.mode=intuitive", "tune.stage2.distill=0.9", "tune.stage2.distill_end=0.0",
+                             "tune.stage2.max_train_rows=64", "tune.stage2.max_valid_rows=32"])
+    model, tokenizer = load_causal_lm(tiny_llm_dir, dtype="float32")
+    (full,) = tuning_stages(cfg.tune, "full")
+    train, valid, prompt_text = _stage_prompts(full, examples, items, USER_CODES, ITEM_CODES, cfg.prompt, tokenizer,
+                                               cfg.run.seed)
+    task = StageTask(LocalBackend(), train, valid, full.settings, answer_tokens(tokenizer, prompt_text), 0,
+                     cfg.run.seed, total_steps=10)
+    weights = []
+    for step in (0, 5, 10, 14):
+        task.at_step(step)
+        weights.append(task.distill_weight())
+    assert weights == pytest.approx([0.9, 0.45, 0.0, 0.0])
+    rows = np.arange(16)
+    with torch.no_grad():
+        scores = task._row_scores(model, train, None, rows)
+        losses = {}
+        for step, weight in ((0, 0.9), (5, 0.45), (10, 0.0)):
+            task.at_step(step)
+            losses[step] = task.loss(model, rows, 0).item()
+            expected = F.binary_cross_entropy_with_logits(scores, torch.from_numpy(train.targets(rows, weight)))
+            assert losses[step] == pytest.approx(expected.item(), rel=1e-5)
+    labels_only = F.binary_cross_entropy_with_logits(scores, torch.from_numpy(train.labels[rows])).item()
+    assert losses[10] == pytest.approx(labels_only, rel=1e-5) and losses[0] != pytest.approx(labels_only, rel=1e-3)

@@ -74,6 +74,19 @@ def test_resume_continues_the_step_counter_and_skips_trained_batches(tmp_path):
     assert [h["step"] for h in second.history][:5] == [h["step"] for h in first.history][:5]
 
 
+def test_on_step_sees_the_steps_taken_from_the_restored_count_after_a_resume(tmp_path):
+    backend, model, batches, loss_fn, evaluate, _ = _task(checkpoint_dir=tmp_path)
+    steps = []
+    run_training(backend, model, batches=batches, loss_fn=loss_fn, evaluate=evaluate, on_step=steps.append,
+                 settings=LoopSettings(max_epochs=1))
+    assert steps == list(range(9))
+    backend, model, batches, loss_fn, evaluate, _ = _task(checkpoint_dir=tmp_path)
+    steps.clear()
+    run_training(backend, model, batches=batches, loss_fn=loss_fn, evaluate=evaluate, on_step=steps.append,
+                 settings=LoopSettings(max_epochs=2))
+    assert steps == list(range(8, 17))
+
+
 def test_a_stopped_run_resumed_does_not_train_again(tmp_path):
     backend, model, batches, loss_fn, evaluate, _ = _task(checkpoint_dir=tmp_path, noise_eval=True)
     first = run_training(backend, model, batches=batches, loss_fn=loss_fn, evaluate=evaluate,

@@ -213,9 +213,9 @@ def _check_encoder_and_tuning(cfg: Config) -> None:
             raise ConfigError("config key 'tune.cache_trunk' does not work with 'distributed.zero_stage' 3 "
                               "(partitioned layers); use stage 2 or turn the cache off")
     for name in ("stage1", "stage2"):
-        distill = getattr(cfg.tune, name).distill
-        if not 0.0 <= distill <= 1.0:
-            raise ConfigError(f"config key 'tune.{name}.distill': expected a weight in [0, 1], got {distill}")
+        for key, weight in zip(("distill", "distill_end"), getattr(cfg.tune, name).distill_weights):
+            if not 0.0 <= weight <= 1.0:
+                raise ConfigError(f"config key 'tune.{name}.{key}': expected a weight in [0, 1], got {weight}")
     for key in ("max_title_tokens", "max_tokens"):
         if getattr(cfg.prompt, key) < 0:
             raise ConfigError(f"config key 'prompt.{key}': expected >= 0 (0: no cap), got {getattr(cfg.prompt, key)}")

@@ -153,6 +153,13 @@ class StageConfig:
     max_valid_rows: int = 0
     distill: float = 0.0  # 0..1, prompts that show the codes: train on (1 - distill) x label + distill x the codes'
     # own click estimate (Platt-scaled <h_u, h_i>, binllm.tune.code_targets); 0: the labels alone, as the paper
+    distill_end: float | None = None  # the weight at the stage's last step, reached linearly from distill (first
+    # learn to read the codes, then what the labels add); None: distill throughout
+
+    @property
+    def distill_weights(self) -> tuple[float, float]:
+        """The distill weight at the stage's first and last step."""
+        return self.distill, self.distill if self.distill_end is None else self.distill_end
 
 
 @dataclass

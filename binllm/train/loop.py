@@ -76,7 +76,8 @@ def run_training(
     """Trains `model` (already passed through backend.prepare) and returns its best state by validation AUC.
 
     batches(epoch) yields this rank's micro-batches; loss_fn(model, batch, epoch) returns the loss;
-    evaluate() returns metrics with "auc" over all ranks' rows.
+    evaluate() returns metrics with "auc" over all ranks' rows; on_step(steps taken) is called before the first
+    micro-batch (after a resume: the restored count) and after every optimizer step.
     """
     restored = backend.load_checkpoint()
     state = LoopState(**restored) if restored is not None else LoopState()
@@ -90,6 +91,8 @@ def run_training(
     # A progress bar on a terminal (off in logs and on ranks other than 0); log lines every log_every_s.
     bar = tqdm(desc="training", unit="step", initial=state.step, total=settings.max_steps or None, leave=False,
                disable=None if backend.is_main else True)
+    if on_step is not None:
+        on_step(state.step)
     model.train()
     while state.epoch < settings.max_epochs and not stopped:
         epoch = state.epoch

@@ -3,7 +3,9 @@
 A click label is one noisy draw: the codes' own estimate of the same click (BinMF's logit, the agreement
 <h_u, h_i> of the two codes the prompt shows, Platt-scaled on the stage's train rows) tells the LLM how to read
 the codes with far less noise. A stage with distill = w trains on the target (1 - w) * label + w * p_codes, which
-is the same as (1 - w) x BCE against the label plus w x BCE against p_codes. Validation and early stopping
+is the same as (1 - w) x BCE against the label plus w x BCE against p_codes. With tune.stageN.distill_end the
+weight moves linearly from distill at the first step to distill_end at the stage's last (StageTask.distill_weight):
+the LLM first learns to read the codes, then what the labels say beyond them. Validation and early stopping
 always use the labels; rows without both codes keep their label.
 """
 from __future__ import annotations
@@ -51,17 +53,27 @@ def platt_scale(x: np.ndarray, labels: np.ndarray, iterations: int = 50) -> tupl
     return float(theta[0]), float(theta[1])
 
 
-def distill_targets(rows: pa.Table, labels: np.ndarray, user_codes: pa.Table, item_codes: pa.Table,
-                    weight: float, stage: str) -> np.ndarray:
-    """float32 targets (1 - weight) * label + weight * p_codes for `rows` (label where a code is missing)."""
+def code_estimates(rows: pa.Table, labels: np.ndarray, user_codes: pa.Table, item_codes: pa.Table,
+                   stage: str) -> np.ndarray | None:
+    """float32 p_codes = sigmoid(a <h_u, h_i> + b) per row, Platt-fitted on `rows` and `labels`; NaN where a row
+    lacks a code. None (with a warning) when the rows with both codes do not hold both labels."""
     dots, known = code_agreement(rows, user_codes, item_codes)
     if known.sum() == 0 or len(np.unique(labels[known])) < 2:
         log.warning("%s: distill needs train rows of both labels with both codes (%d have codes); labels only",
                     stage, int(known.sum()))
-        return labels.astype(np.float32)
+        return None
     a, b = platt_scale(dots[known], labels[known].astype(np.float64))
-    p_codes = 1.0 / (1.0 + np.exp(-(a * dots + b)))
-    targets = np.where(known, (1.0 - weight) * labels + weight * p_codes, labels)
-    log.info("%s: distill %.2f: code agreement Platt-scaled on %d train rows (a %.4f, b %.4f); %d rows without "
-             "both codes keep their labels", stage, weight, int(known.sum()), a, b, int((~known).sum()))
-    return targets.astype(np.float32)
+    p_codes = np.where(known, 1.0 / (1.0 + np.exp(-(a * dots + b))), np.nan)
+    log.info("%s: code agreement Platt-scaled on %d train rows (a %.4f, b %.4f); %d rows without both codes keep "
+             "their labels", stage, int(known.sum()), a, b, int((~known).sum()))
+    return p_codes.astype(np.float32)
+
+
+def mix_targets(labels: np.ndarray, p_codes: np.ndarray | None, weight: float) -> np.ndarray:
+    """float32 (1 - weight) * label + weight * p_codes; the label where p_codes is None or NaN."""
+    labels = labels.astype(np.float32)
+    if p_codes is None or weight == 0.0:
+        return labels
+    mixed = (1.0 - weight) * labels + weight * p_codes
+    return np.where(np.isnan(p_codes), labels, mixed).astype(np.float32)
+

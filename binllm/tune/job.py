@@ -30,7 +30,7 @@ from binllm.train.micro_batches import stage_steps
 from binllm.train.schedule import warmup_cosine
 from binllm.train.stages import StageAware
 from binllm.train.state import copy_into_parameters
-from binllm.tune.code_targets import distill_targets
+from binllm.tune.code_targets import code_estimates
 from binllm.tune.memory_probe import fit_micro_batch_tokens
 from binllm.tune.stage_data import PromptSet, Stage, stage_rows, tokenize_rows, tuning_stages
 from binllm.tune.stage_task import StageTask
@@ -87,12 +87,17 @@ def run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet
     store = autocast or torch.float32
     trunks = (TrunkCache(model, train.token_ids, pad_id, store), TrunkCache(model, valid.token_ids, pad_id, store)) \
         if cache_trunk else None
-    task = StageTask(backend, train, valid, settings, answer, pad_id, seed, autocast, shared_prefix, trunks)
+    task = StageTask(backend, train, valid, settings, answer, pad_id, seed, autocast, shared_prefix, trunks,
+                     total_steps=total_steps)
+    if train.code_estimates is not None:
+        log.info("%s: training targets (1 - w) x label + w x BinMF's estimate, w %.2f to %.2f over %d steps",
+                 stage.name, *settings.distill_weights, total_steps)
     started = time.perf_counter()
     result = run_training(
         backend, prepared,
         batches=task.batches,
         loss_fn=task.loss,
+        on_step=task.at_step,
         evaluate=lambda: task.evaluate(prepared),
         settings=LoopSettings(max_epochs=settings.epochs, patience=settings.patience,
                               eval_every=settings.eval_every, max_steps=settings.max_steps),
@@ -203,12 +208,12 @@ def _stage_prompts(stage: Stage, examples: pa.Table, items: pa.Table, user_codes
         raise DataError(f"{stage.name}: examples have {train_rows.num_rows} train and {valid_rows.num_rows} "
                          "valid rows; tuning needs both")
     train, prompt_text = tokenize_rows(train_rows, items, user_codes, item_codes, prompt, stage.prompt_kind, tokenizer)
-    if stage.settings.distill > 0:
+    weights = stage.settings.distill_weights
+    if max(weights) > 0:
         if stage.prompt_kind == "text":
-            log.info("%s: distill %.2f unused: text-only prompts show no codes", stage.name, stage.settings.distill)
+            log.info("%s: distill %s unused: text-only prompts show no codes", stage.name, weights)
         else:
-            train.labels = distill_targets(train_rows, train.labels, user_codes, item_codes, stage.settings.distill,
-                                           stage.name)
+            train.code_estimates = code_estimates(train_rows, train.labels, user_codes, item_codes, stage.name)
     valid, _ = tokenize_rows(valid_rows, items, user_codes, item_codes, prompt, stage.prompt_kind, tokenizer)
     if len(np.unique(valid.labels)) < 2:
         raise DataError(f"{stage.name}: the validation rows hold one label class only; AUC is undefined")

@@ -13,6 +13,7 @@ from binllm.config import PromptConfig, StageConfig, TuneConfig
 from binllm.data.schema import DataError
 from binllm.llm import EncodedPrompts, encode_prompt_parts
 from binllm.prompts import build_prompts
+from binllm.tune.code_targets import mix_targets
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "label", "split", "history")
 
@@ -27,11 +28,13 @@ class Stage:
 @dataclass
 class PromptSet:
     token_ids: list[list[int]]
-    labels: np.ndarray  # float32 training targets: 0/1 labels, or soft targets in [0, 1] (tune.stageN.distill)
+    labels: np.ndarray  # float32 0/1 click labels
     # Row i's tokens are its prefix's (token_ids[i][:prefix_lengths[i]]) then its suffix's; rows with the same
     # prefix_of_row share the prefix tokens. None: not known (no shared-prefix training).
     prefix_of_row: np.ndarray | None = None  # int64
     prefix_lengths: np.ndarray | None = None  # int64
+    # BinMF's click estimate of each row from its codes (float32, NaN without both codes); None: not distilled
+    code_estimates: np.ndarray | None = None
 
     @property
     def lengths(self) -> np.ndarray:
@@ -39,6 +42,11 @@ class PromptSet:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def targets(self, rows: np.ndarray, distill: float) -> np.ndarray:
+        """Training targets of `rows`: (1 - distill) x label + distill x code estimate (tune.stageN.distill)."""
+        estimates = None if self.code_estimates is None else self.code_estimates[rows]
+        return mix_targets(self.labels[rows], estimates, distill)
 
     def encoded(self, rows: np.ndarray) -> EncodedPrompts:
         """`rows` as prompts with each distinct prefix once; pair j is row rows[j]."""

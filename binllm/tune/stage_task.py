@@ -28,13 +28,25 @@ class StageTask:
 
     def __init__(self, backend: Backend, train: PromptSet, valid: PromptSet, settings: StageConfig,
                  answer: AnswerTokens, pad_id: int, seed: int, autocast: torch.dtype | None = None,
-                 shared_prefix: bool = False, trunks: tuple[TrunkCache, TrunkCache] | None = None):
+                 shared_prefix: bool = False, trunks: tuple[TrunkCache, TrunkCache] | None = None,
+                 total_steps: int = 0):
         self.backend, self.train, self.valid, self.settings = backend, train, valid, settings
         self.answer, self.pad_id, self.seed, self.autocast = answer, pad_id, seed, autocast
         self.shared_prefix, self.trunks = shared_prefix, trunks
         self.train_lengths = train.lengths
         self.train_tokens = self.padded_tokens = 0
         self.eval_seconds = 0.0
+        self.total_steps, self.step = total_steps, 0
+
+    def at_step(self, step: int) -> None:
+        """run_training's on_step: the optimizer steps taken so far (also after a resume)."""
+        self.step = step
+
+    def distill_weight(self) -> float:
+        """The distill weight of the step being taken: linear from distill to distill_end over total_steps."""
+        first, last = self.settings.distill_weights
+        progress = min(self.step / self.total_steps, 1.0) if self.total_steps > 0 else 0.0
+        return first + (last - first) * progress
 
     def _autocast(self):
         return torch.autocast(self.backend.device.type, dtype=self.autocast or torch.bfloat16,
@@ -83,7 +95,7 @@ class StageTask:
         return self._scores(model, input_ids, mask)
 
     def loss(self, model: torch.nn.Module, rows: np.ndarray, epoch: int) -> torch.Tensor:
-        labels = torch.from_numpy(self.train.labels[rows]).to(self.backend.device)
+        labels = torch.from_numpy(self.train.targets(rows, self.distill_weight())).to(self.backend.device)
         if self.shared_prefix:
             encoded = self.train.encoded(rows)
             prefix_lengths = [len(ids) for ids in encoded.prefix_ids]
