@@ -76,4 +76,3 @@ def mix_targets(labels: np.ndarray, p_codes: np.ndarray | None, weight: float) -
         return labels
     mixed = (1.0 - weight) * labels + weight * p_codes
     return np.where(np.isnan(p_codes), labels, mixed).astype(np.float32)
-
