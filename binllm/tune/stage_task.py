@@ -95,19 +95,19 @@ class StageTask:
         return self._scores(model, input_ids, mask)
 
     def loss(self, model: torch.nn.Module, rows: np.ndarray, epoch: int) -> torch.Tensor:
-        labels = torch.from_numpy(self.train.targets(rows, self.distill_weight())).to(self.backend.device)
+        targets = torch.from_numpy(self.train.targets(rows, self.distill_weight())).to(self.backend.device)
         if self.shared_prefix:
             encoded = self.train.encoded(rows)
             prefix_lengths = [len(ids) for ids in encoded.prefix_ids]
             suffix_lengths = [len(ids) for ids in encoded.suffix_ids]
             self.train_tokens += sum(prefix_lengths) + sum(suffix_lengths)
             self.padded_tokens += max(prefix_lengths) * len(prefix_lengths) + max(suffix_lengths) * len(rows)
-            return F.binary_cross_entropy_with_logits(self._shared_scores(model, encoded), labels)
+            return F.binary_cross_entropy_with_logits(self._shared_scores(model, encoded), targets)
         lengths = self.train_lengths[rows]
         self.train_tokens += int(lengths.sum())  # from the host-side lengths: no device sync per micro-batch
         self.padded_tokens += int(lengths.max()) * len(rows)
         trunk = self.trunks[0] if self.trunks is not None else None
-        return F.binary_cross_entropy_with_logits(self._row_scores(model, self.train, trunk, rows), labels)
+        return F.binary_cross_entropy_with_logits(self._row_scores(model, self.train, trunk, rows), targets)
 
     def _eval_batches(self, sorted_lengths: np.ndarray) -> list[np.ndarray]:
         """Positions in length-sorted rows, per forward: 2 x micro_batch_size rows, or rows x longest
