@@ -89,7 +89,7 @@ def run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet
         if cache_trunk else None
     task = StageTask(backend, train, valid, settings, answer, pad_id, seed, autocast, shared_prefix, trunks,
                      total_steps=total_steps)
-    if train.code_estimates is not None:
+    if train.code_estimates is not None and backend.is_main:
         log.info("%s: training targets (1 - w) x label + w x BinMF's estimate, w %.2f to %.2f over %d steps",
                  stage.name, *settings.distill_weights, total_steps)
     started = time.perf_counter()
