@@ -71,7 +71,7 @@ def run_training(
     loss_fn: Callable[[torch.nn.Module, Any, int], torch.Tensor],
     evaluate: Callable[[], dict[str, float]],
     settings: LoopSettings,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int], None] = lambda steps: None,
 ) -> LoopResult:
     """Trains `model` (already passed through backend.prepare) and returns its best state by validation AUC.
 
@@ -79,20 +79,14 @@ def run_training(
     evaluate() returns metrics with "auc" over all ranks' rows; on_step(steps taken) is called before the first
     micro-batch (after a resume: the restored count) and after every optimizer step.
     """
-    restored = backend.load_checkpoint()
-    state = LoopState(**restored) if restored is not None else LoopState()
-    resumed_from = state.step if restored is not None else None
-    if restored is not None:
-        log.info("resumed from checkpoint at step %d (epoch %d)", state.step, state.epoch)
-
+    state, resumed_from = _restore(backend)
     validate = _Validation(backend, model, evaluate, settings, state)
     report_progress = _LossLog(backend, settings, state)
     stopped = state.stopped
     # A progress bar on a terminal (off in logs and on ranks other than 0); log lines every log_every_s.
     bar = tqdm(desc="training", unit="step", initial=state.step, total=settings.max_steps or None, leave=False,
                disable=None if backend.is_main else True)
-    if on_step is not None:
-        on_step(state.step)
+    on_step(state.step)
     model.train()
     while state.epoch < settings.max_epochs and not stopped:
         epoch = state.epoch
@@ -106,8 +100,7 @@ def run_training(
                 continue
             state.step += 1
             bar.update(1)
-            if on_step is not None:
-                on_step(state.step)
+            on_step(state.step)
             at_cap = settings.max_steps and state.step >= settings.max_steps
             if (settings.eval_every and state.step % settings.eval_every == 0) or at_cap:
                 if validate(at_cap=bool(at_cap)):
@@ -125,6 +118,16 @@ def run_training(
         best_auc=state.best_auc, best_state=state.best_state, steps=state.step, epochs=state.epoch,
         stopped_early=stopped, history=state.history, resumed_from_step=resumed_from,
     )
+
+
+def _restore(backend: Backend) -> tuple[LoopState, int | None]:
+    """The loop state from the backend's last checkpoint (a fresh one without), and the step it resumes from."""
+    restored = backend.load_checkpoint()
+    if restored is None:
+        return LoopState(), None
+    state = LoopState(**restored)
+    log.info("resumed from checkpoint at step %d (epoch %d)", state.step, state.epoch)
+    return state, state.step
 
 
 class _Validation:
