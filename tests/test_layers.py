@@ -13,7 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
-    ("binllm.config", "binllm.cache", "binllm.codes", "binllm.metrics", "binllm.blend", "binllm.ray_env"),
+    ("binllm.config", "binllm.cache", "binllm.codes", "binllm.metrics", "binllm.blend", "binllm.ray_env",
+     "binllm.paper_rows"),
     ("binllm.storage", "binllm.assets", "binllm.plots", "binllm.data", "binllm.tracking"),
     ("binllm.prompts", "binllm.candidates", "binllm.llm", "binllm.train"),
     ("binllm.encoder", "binllm.tune"),

@@ -19,6 +19,7 @@ from binllm.encoder import export_codes, load_encoder, score_pairs
 from binllm.evaluation import llm_logits
 from binllm.llm.lora import apply_lora
 from binllm.metrics import auc
+from binllm.recipes import paper_table
 from binllm.recipes.paper_table import MethodSpec, method_specs, run_order, run_paper_table
 from binllm.train.state import copy_into_parameters
 from synthetic import make_planted_examples
@@ -123,6 +124,50 @@ def test_a_reused_method_without_blend_validation_scores_gets_no_blend_row_and_a
     md = open(f"{copy_cfg.run_dir()}/paper/metrics.md").read()
     assert "no blend row for IO (binary) (its scores of the 40 blend validation rows are missing" in md
     assert "IO+BinMF (binary) - BinMF" not in md and "IO+BinMF (dotted) - BinMF" in md
+
+
+def _copy_without_scores(paper_cfg, tmp_path, slug):
+    """A copy of the module's run as if it stopped while `slug` scored: adapter and tuned record kept, scores not."""
+    shutil.copytree(paper_cfg.run_dir(), tmp_path / "runs" / paper_cfg.run.name)
+    copy_cfg = dataclasses.replace(paper_cfg, run=dataclasses.replace(paper_cfg.run, output_root=str(tmp_path / "runs")))
+    for suffix in (".json", ".parquet", ".valid.parquet"):
+        if os.path.exists(f"{copy_cfg.run_dir()}/paper/methods/{slug}{suffix}"):
+            os.remove(f"{copy_cfg.run_dir()}/paper/methods/{slug}{suffix}")
+    assert os.path.exists(f"{copy_cfg.run_dir()}/paper/methods/{slug}.tuned.json")
+    return copy_cfg
+
+
+def _no_tuning(*args, **kwargs):
+    raise AssertionError("tune_lora called")
+
+
+def test_a_rerun_scores_the_kept_adapter_of_a_method_tuned_but_not_scored(paper_cfg, paper_run, tmp_path,
+                                                                         monkeypatch):
+    copy_cfg = _copy_without_scores(paper_cfg, tmp_path, "BinLLM-binary")
+    record = json.loads(open(f"{copy_cfg.run_dir()}/paper/methods/BinLLM-binary.tuned.json").read())
+    adapter = f"{copy_cfg.run_dir()}/paper/adapters/BinLLM-binary.safetensors"
+    stamp = os.path.getmtime(adapter)
+    monkeypatch.setattr(paper_table, "tune_lora", _no_tuning)
+    again = run_paper_table(copy_cfg, device="cpu")
+    before = {r.spec.name: r for r in paper_run.results}["BinLLM (binary)"]
+    after = {r.spec.name: r for r in again.results}["BinLLM (binary)"]
+    np.testing.assert_allclose(after.logits, before.logits, atol=1e-4)
+    np.testing.assert_allclose(after.valid_logits, before.valid_logits, atol=1e-4)  # the blend row is fitted again
+    assert after.stages == before.stages == record["stages"]  # TO's stage 1, then stage 2
+    assert after.notes["answer"] == before.notes["answer"] == record["answer"]
+    assert after.seconds > record["seconds"] > 0
+    assert os.path.getmtime(adapter) == stamp
+    saved = json.loads(open(f"{copy_cfg.run_dir()}/paper/methods/BinLLM-binary.json").read())
+    assert saved["stages"] == record["stages"]
+    assert "BinLLM+BinMF (binary)" in [r.spec.name for r in again.results]
+
+
+def test_a_tuned_record_without_its_adapter_tunes_again(paper_cfg, paper_run, tmp_path, monkeypatch):
+    copy_cfg = _copy_without_scores(paper_cfg, tmp_path, "IT-binary")
+    os.remove(f"{copy_cfg.run_dir()}/paper/adapters/IT-binary.safetensors")
+    monkeypatch.setattr(paper_table, "tune_lora", _no_tuning)
+    with pytest.raises(AssertionError, match="tune_lora called"):
+        run_paper_table(copy_cfg, device="cpu")
 
 
 def test_run_order_puts_the_headline_comparison_first():

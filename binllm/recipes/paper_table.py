@@ -9,7 +9,8 @@ Methods (BinLLM paper, Table 2):
 
 Every method writes its test scores and training history under <run dir>/paper/methods/ when it
 finishes, and a rerun of the same run skips the methods already there: the encoders can run on a CPU
-and the LLM methods on a GPU, and an interrupted run loses one method at most. Report: <run dir>/paper/
+and the LLM methods on a GPU, and an interrupted run loses one method at most (one whose tuning finished
+keeps its adapter and <method>.tuned.json, and a rerun only scores it). Report: <run dir>/paper/
 metrics.md, metrics.json, test_scores.parquet, auc_bars.png, valid_auc.png, score_dist.png; the report has AUC
 differences of the pairs the paper orders with paired-bootstrap 95% intervals (`pairs` in metrics.json).
 Every LLM method's adapter is kept (<run dir>/paper/adapters/<method>.safetensors).
@@ -30,7 +31,7 @@ import dataclasses
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +46,13 @@ from binllm.config import CODE_METHODS, PAPER_METHODS, Config, PromptConfig, Tun
 from binllm.data import split_rows
 from binllm.encoder import export_codes, load_encoder, rows_auc, score_pairs, train_encoder
 from binllm.evaluation import llm_logits
+from binllm.llm.lora import apply_lora
 from binllm.metrics import (N_BOOT, PAPER_PAIRS, evaluate_scores, format_pairs, format_report, match_pairs,
                             pairwise_report, report_table)
+from binllm.paper_rows import MethodResult, MethodSpec, PaperTable
 from binllm.plots import plot_auc_bars, plot_score_distributions, plot_validation_curves
 from binllm.run_steps import prepare_run, publish_encoder
+from binllm.train.state import copy_into_parameters
 from binllm.tune import stage_rows, tune_lora
 
 log = logging.getLogger(__name__)
@@ -63,28 +67,18 @@ PAPER_ML1M = {  # AUC, UAUC on ML-1M (Zhang et al. 2024, Table 2)
 }
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    method: str  # one of METHODS
-    code_format: str | None = None  # binary | dotted for IO, IT, BinLLM
-
-    @property
-    def name(self) -> str:
-        return f"{self.method} ({self.code_format})" if self.code_format else self.method
-
-    @property
-    def slug(self) -> str:
-        return f"{self.method}-{self.code_format}" if self.code_format else self.method
-
-
 @dataclass
-class MethodResult:
-    spec: MethodSpec
-    logits: np.ndarray  # float32, one per test row, in test-row order
-    seconds: float
-    stages: list[dict] = field(default_factory=list)  # StageResult dicts (LLM methods)
-    notes: dict = field(default_factory=dict)
-    valid_logits: np.ndarray | None = None  # float32, one per blend validation row (methods in paper.blend)
+class TunedMethod:
+    """An LLM method's tuned model, its stages (StageResult dicts) and answer tokens; earlier_seconds: the tuning
+    time of an earlier invocation whose adapter this one scores."""
+    model: torch.nn.Module
+    stages: list[dict]
+    answer: dict
+    earlier_seconds: float = 0.0
+
+
+def paper_uri(cfg: Config, *parts: str) -> str:
+    return storage.join_uri(cfg.run_dir(), PAPER_DIR, *parts)
 
 
 def method_specs(methods: list[str], code_formats: list[str]) -> list[MethodSpec]:
@@ -105,10 +99,6 @@ def run_order(specs: list[MethodSpec]) -> list[MethodSpec]:
     formats = list(dict.fromkeys(s.code_format for s in specs if s.code_format))
     return sorted(specs, key=lambda s: (s.code_format is not None, formats.index(s.code_format) if s.code_format
                                         else 0, rank[s.method]))
-
-
-def paper_uri(cfg: Config, *parts: str) -> str:
-    return storage.join_uri(cfg.run_dir(), PAPER_DIR, *parts)
 
 
 def _saved(cfg: Config, spec: MethodSpec, n_rows: int) -> MethodResult | None:
@@ -221,31 +211,62 @@ class PaperRun:
     def _llm_method(self, spec: MethodSpec, started: float) -> MethodResult:
         cfg = self.cfg
         prompt, tune = self.method_sections(spec)
-        initial, earlier_stages = None, []
-        if spec.method == "BinLLM":
-            initial = self.to_adapter()
-            earlier_stages = self.finished[MethodSpec("TO")].stages
         user_codes, item_codes = self.codes() if spec.method != "TO" else (None, None)
         model, tokenizer = sources.load_base_model(cfg.llm, cfg.storage, device=self.device)
-        tuned = tune_lora(self.examples, self.items, user_codes, item_codes, tune=tune, prompt=prompt, llm=cfg.llm,
-                          seed=cfg.run.seed, model=model, tokenizer=tokenizer, initial_adapter=initial)
-        self._save_adapter(spec, tuned.adapter_state)
+        tuned = self._tuned_earlier(spec, tune, model)
+        if tuned is None:
+            tuned = self._tune(spec, prompt, tune, (user_codes, item_codes), model, tokenizer, started)
         logits, fallbacks = llm_logits(self.test, self.items, user_codes, item_codes, prompt=prompt, llm=cfg.llm,
                                        score=cfg.score, model=tuned.model, tokenizer=tokenizer)
         valid_logits = None
         if self.blends(spec):
             valid_logits, _ = llm_logits(self.blend_rows, self.items, user_codes, item_codes, prompt=prompt,
                                          llm=cfg.llm, score=cfg.score, model=tuned.model, tokenizer=tokenizer)
-        stages = [dataclasses.asdict(s) for s in tuned.stages]
-        if spec.method == "TO":
-            stages = [{**s, "name": "stage1"} for s in stages]  # TO is BinLLM's stage 1
-        if spec.method == "BinLLM":
-            stages = earlier_stages + stages
-        notes = {"text_only_fallbacks": fallbacks, "answer": dataclasses.asdict(tuned.answer)}
-        del model, tuned
+        notes = {"text_only_fallbacks": fallbacks, "answer": tuned.answer}
+        del model, tuned.model
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        return MethodResult(spec, logits, time.perf_counter() - started, stages, notes, valid_logits)
+        return MethodResult(spec, logits, tuned.earlier_seconds + time.perf_counter() - started, tuned.stages, notes,
+                            valid_logits)
+
+    def _tune(self, spec: MethodSpec, prompt: PromptConfig, tune: TuneConfig, codes: tuple, model: torch.nn.Module,
+              tokenizer, started: float) -> TunedMethod:
+        """Tunes `spec`'s adapter, keeps it (paper/adapters/) and then records that it is tuned
+        (paper/methods/<slug>.tuned.json): a rerun interrupted while scoring scores this adapter again."""
+        initial, stages = None, []
+        if spec.method == "BinLLM":
+            initial = self.to_adapter()
+            stages = self.finished[MethodSpec("TO")].stages
+        tuned = tune_lora(self.examples, self.items, *codes, tune=tune, prompt=prompt, llm=self.cfg.llm,
+                          seed=self.cfg.run.seed, model=model, tokenizer=tokenizer, initial_adapter=initial)
+        self._save_adapter(spec, tuned.adapter_state)
+        new = [dataclasses.asdict(s) for s in tuned.stages]
+        if spec.method == "TO":
+            new = [{**s, "name": "stage1"} for s in new]  # TO is BinLLM's stage 1
+        record = {"stages": stages + new, "answer": dataclasses.asdict(tuned.answer),
+                  "seconds": time.perf_counter() - started}
+        storage.write_json(record, paper_uri(self.cfg, "methods", f"{spec.slug}.tuned.json"), self.cfg.storage)
+        return TunedMethod(tuned.model, record["stages"], record["answer"])
+
+    def _tuned_earlier(self, spec: MethodSpec, tune: TuneConfig, model: torch.nn.Module) -> TunedMethod | None:
+        """The adapter an earlier invocation tuned for `spec` and kept, but did not finish scoring with, attached
+        to `model` (None without both its record and the adapter)."""
+        record_uri = paper_uri(self.cfg, "methods", f"{spec.slug}.tuned.json")
+        adapter_uri = paper_uri(self.cfg, "adapters", f"{spec.slug}.safetensors")
+        if not (storage.exists(record_uri, self.cfg.storage) and storage.exists(adapter_uri, self.cfg.storage)):
+            return None
+        record = storage.read_json(record_uri, self.cfg.storage)
+        state = self._read_adapter(adapter_uri)
+        if spec.method == "TO":
+            self._to_adapter = state
+        lora = tune.lora
+        peft_model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                target_modules=lora.target_modules, top_layers=lora.top_layers)
+        copy_into_parameters(peft_model, state)
+        log.info("method %s: tuned by an earlier invocation (%.0f s); scoring its kept adapter %s "
+                 "(remove paper/methods/%s.tuned.json to tune it again)", spec.name, record["seconds"], adapter_uri,
+                 spec.slug)
+        return TunedMethod(peft_model, record["stages"], record["answer"], record["seconds"])
 
     def blends(self, spec: MethodSpec) -> bool:
         """Whether `spec` gets a "<method>+BinMF" row (and so scores the blend validation rows)."""
@@ -286,10 +307,13 @@ class PaperRun:
             if not storage.exists(uri, self.cfg.storage):
                 raise ValueError("BinLLM (two-step) continues the TO adapter: run method TO first "
                                  "(config key 'paper.methods' must list TO before BinLLM)")
-            fs, path = storage.filesystem_for(uri, self.cfg.storage)
-            with fs.open_input_stream(path) as f:
-                self._to_adapter = load_safetensors(f.read())
+            self._to_adapter = self._read_adapter(uri)
         return self._to_adapter
+
+    def _read_adapter(self, uri: str) -> dict[str, torch.Tensor]:
+        fs, path = storage.filesystem_for(uri, self.cfg.storage)
+        with fs.open_input_stream(path) as f:
+            return load_safetensors(f.read())
 
 
 def blend_method(method: str) -> str:
@@ -304,20 +328,6 @@ def blend_spec(spec: MethodSpec) -> MethodSpec:
 def blend_pairs(methods: list[str]) -> tuple[tuple[str, str], ...]:
     """The blend rows' pairs: each against BinMF and against its method alone."""
     return tuple(pair for m in methods for pair in ((blend_method(m), BLEND_PARTNER), (blend_method(m), m)))
-
-
-@dataclass
-class PaperTable:
-    metrics: pa.Table  # report_table rows, one per method
-    results: list[MethodResult]
-    test: pa.Table
-    text: str
-    seconds: float
-    skipped: list[str] = field(default_factory=list)  # methods left for a later run by paper.time_budget_s
-    device: str = "cpu"
-    pairs: pa.Table | None = None  # pairwise_report of PAPER_PAIRS among the methods run
-    valid_references: dict[str, float] = field(default_factory=dict)  # drawn across valid_auc.png
-    unblended: list[str] = field(default_factory=list)  # methods in paper.blend left without a blend row, and why
 
 
 def run_paper_table(cfg: Config, device: str | None = None) -> PaperTable:
