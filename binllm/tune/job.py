@@ -32,7 +32,7 @@ from binllm.train.stages import StageAware
 from binllm.train.state import copy_into_parameters
 from binllm.tune.code_targets import code_estimates
 from binllm.tune.memory_probe import fit_micro_batch_tokens
-from binllm.tune.stage_data import PromptSet, Stage, stage_rows, tokenize_rows, tuning_stages
+from binllm.tune.stage_data import PromptSet, Stage, split_rows, stage_rows, tokenize_rows, tuning_stages
 from binllm.tune.stage_task import StageTask
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ def run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet
     task = StageTask(backend, train, valid, settings, answer, pad_id, seed, autocast, shared_prefix, trunks,
                      total_steps=total_steps)
     if train.code_estimates is not None and backend.is_main:
-        log.info("%s: training targets (1 - w) x label + w x BinMF's estimate, w %.2f to %.2f over %d steps",
-                 stage.name, *settings.distill_weights, total_steps)
+        log.info("%s: training targets (1 - w) x label + w x the %s teacher's estimate, w %.2f to %.2f over %d steps",
+                 stage.name, settings.distill_teacher, *settings.distill_weights, total_steps)
     started = time.perf_counter()
     result = run_training(
         backend, prepared,
@@ -213,7 +213,10 @@ def _stage_prompts(stage: Stage, examples: pa.Table, items: pa.Table, user_codes
         if stage.prompt_kind == "text":
             log.info("%s: distill %s unused: text-only prompts show no codes", stage.name, weights)
         else:
-            train.code_estimates = code_estimates(train_rows, train.labels, user_codes, item_codes, stage.name)
+            teacher = stage.settings.distill_teacher
+            fit_rows = split_rows(examples, "train", 0, seed) if teacher == "code_bits" else None
+            train.code_estimates = code_estimates(train_rows, train.labels, user_codes, item_codes, stage.name,
+                                                  teacher, fit_rows)
     valid, _ = tokenize_rows(valid_rows, items, user_codes, item_codes, prompt, stage.prompt_kind, tokenizer)
     if len(np.unique(valid.labels)) < 2:
         raise DataError(f"{stage.name}: the validation rows hold one label class only; AUC is undefined")
