@@ -37,6 +37,8 @@ def test_nested_sections_keep_defaults_for_keys_left_out(tmp_path):
     ("tune.stage2.distill=1.5", "config key 'tune.stage2.distill': expected a weight in [0, 1]"),
     ("tune.stage1.distill=-0.1", "config key 'tune.stage1.distill': expected a weight in [0, 1]"),
     ("tune.stage2.distill_end=1.2", "config key 'tune.stage2.distill_end': expected a weight in [0, 1], got 1.2"),
+    ("tune.stage2.distill_teacher=bits", "config key 'tune.stage2.distill_teacher': expected one of "
+                                         "['inner_product', 'code_bits'], got 'bits'"),
 ])
 def test_bad_keys_and_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -1,5 +1,5 @@
-"""The paper-table job on planted data with the tiny LLM: every method, the blend rows, the report files, the
-kept adapters, reuse on rerun."""
+"""The paper-table job on planted data with the tiny LLM: every method, the blend rows, the code_bits teacher's
+row, the report files, the kept adapters, reuse on rerun."""
 import dataclasses
 import json
 import os
@@ -22,6 +22,8 @@ from binllm.metrics import auc
 from binllm.recipes import paper_table
 from binllm.recipes.paper_table import MethodSpec, method_specs, run_order, run_paper_table
 from binllm.train.state import copy_into_parameters
+from binllm.tune import stage_rows
+from binllm.tune.code_targets import code_estimates
 from synthetic import make_planted_examples
 
 STAGE = {"epochs": 1, "micro_batch_size": 16, "max_train_rows": 96, "max_valid_rows": 32, "eval_every": 3,
@@ -215,3 +217,31 @@ def test_blend_row_is_a_logistic_regression_on_binmf_and_the_kept_adapters_score
     assert by_name["IO+BinMF (dotted)"].notes["blend"]["names"] == ["BinMF", "IO"]
     assert not os.path.exists(f"{folder}/methods/IT-dotted.valid.parquet")  # IT is not in paper.blend
     assert os.path.exists(f"{folder}/adapters/IT-dotted.safetensors")  # every LLM method's adapter is kept
+
+
+def test_a_code_bits_teacher_gets_its_own_row_pairs_and_validation_reference(paper_cfg, paper_run, tmp_path):
+    # A rerun of the finished methods under tune.stage2.distill_teacher code_bits: nothing is tuned again, and the
+    # table gains the teacher's row, fitted on every train row of the examples as tune_lora fits it.
+    shutil.copytree(paper_cfg.run_dir(), tmp_path / "runs" / paper_cfg.run.name)
+    stage2 = dataclasses.replace(paper_cfg.tune.stage2, distill=0.9, distill_teacher="code_bits")
+    copy_cfg = dataclasses.replace(paper_cfg, run=dataclasses.replace(paper_cfg.run, output_root=str(tmp_path / "runs")),
+                                   tune=dataclasses.replace(paper_cfg.tune, stage2=stage2))
+    again = run_paper_table(copy_cfg, device="cpu")
+    by_name = {r.spec.name: r for r in again.results}
+    assert list(by_name)[:-1] == [r.spec.name for r in paper_run.results] and list(by_name)[-1] == "CodeBits"
+    examples = pq.read_table(f"{copy_cfg.run_dir()}/examples/examples.parquet")
+    user_codes, item_codes = export_codes(load_encoder(f"{copy_cfg.run_dir()}/encoder"))
+    p = code_estimates(paper_run.test, None, user_codes, item_codes, "test", "code_bits",
+                       split_rows(examples, "train", 0, copy_cfg.run.seed)).astype(np.float64)
+    np.testing.assert_allclose(by_name["CodeBits"].logits, np.log(p / (1 - p)), rtol=1e-5, atol=1e-5)
+    payload = json.loads(open(f"{copy_cfg.run_dir()}/paper/metrics.json").read())
+    named = {(q["a"], q["b"]) for q in payload["pairs"]}
+    assert {("BinLLM (binary)", "CodeBits"), ("IO (dotted)", "CodeBits"), ("IT (binary)", "CodeBits"),
+            ("CodeBits", "BinMF")} <= named
+    assert len(payload["pairs"]) == 23 + 7
+    _, valid = stage_rows(examples, copy_cfg.tune.stage2, copy_cfg.run.seed)
+    p_valid = code_estimates(valid, None, user_codes, item_codes, "test", "code_bits",
+                             split_rows(examples, "train", 0, copy_cfg.run.seed))
+    assert payload["valid_references"]["CodeBits (the teacher) on the stage-2 validation rows"] == pytest.approx(
+        auc(valid.column("label").to_numpy(), p_valid))
+    assert "CodeBits" not in {r.spec.name for r in paper_run.results}  # inner_product or no distill: no row

@@ -19,6 +19,10 @@ Beyond the paper, as rows of their own: with paper.blend_valid_rows > 0, each co
 scores that many seeded validation rows, and the table gets a "<method>+BinMF" row: a logistic regression on
 BinMF's and the method's logits fitted on those rows (binllm.blend), applied to the test rows, with the
 intervals of its differences from BinMF and from the method alone. The method's own row is unchanged.
+When stage 2 distils the code_bits teacher (tune.stage2.distill > 0, distill_teacher: code_bits), the table also
+gets the teacher's row, "CodeBits": what the code methods were taught, scored on the same test rows, with the
+intervals of each code method against it and of it against BinMF, and its validation AUC drawn across
+valid_auc.png beside BinMF's.
 The MLflow run `<run.name>-paper_table` (binllm.tracking) holds the config, each method's validation curves
 (<method>/<stage>/valid_auc per step), its test metrics (test/<method>/<metric>), the report and the plots.
 
@@ -47,13 +51,14 @@ from binllm.data import split_rows
 from binllm.encoder import export_codes, load_encoder, rows_auc, score_pairs, train_encoder
 from binllm.evaluation import llm_logits
 from binllm.llm.lora import apply_lora
-from binllm.metrics import (N_BOOT, PAPER_PAIRS, evaluate_scores, format_pairs, format_report, match_pairs,
+from binllm.metrics import (N_BOOT, PAPER_PAIRS, auc, evaluate_scores, format_pairs, format_report, match_pairs,
                             pairwise_report, report_table)
 from binllm.paper_rows import MethodResult, MethodSpec, PaperTable
 from binllm.plots import plot_auc_bars, plot_score_distributions, plot_validation_curves
 from binllm.run_steps import prepare_run, publish_encoder
 from binllm.train.state import copy_into_parameters
 from binllm.tune import stage_rows, tune_lora
+from binllm.tune.code_targets import code_estimates
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,8 @@ SECTIONS = ("run", "storage", "data", "encoder", "prompt", "llm", "tune", "score
 PAPER_DIR = "paper"
 METHODS = PAPER_METHODS
 BLEND_PARTNER = "BinMF"
+TEACHER = "CodeBits"  # the row of stage 2's code_bits distillation teacher
+TEACHER_PAIRS = (("BinLLM", TEACHER), ("IO", TEACHER), ("IT", TEACHER), (TEACHER, "BinMF"))
 PAPER_ML1M = {  # AUC, UAUC on ML-1M (Zhang et al. 2024, Table 2)
     "MF": (0.6482, 0.6361), "BinMF": (0.7189, 0.6654), "TO": (0.7097, 0.6818), "IO": (0.7307, 0.6797),
     "IT": (0.7286, 0.6842), "BinLLM": (0.7425, 0.6956),
@@ -196,6 +203,27 @@ class PaperRun:
         their validation curves must pass."""
         _, rows = stage_rows(self.examples, self.cfg.tune.stage2, self.cfg.run.seed)
         return rows_auc(self.binmf(), rows)
+
+    def distils_code_bits(self) -> bool:
+        """Whether stage 2 (IO, IT, BinLLM) trains toward the code_bits teacher."""
+        stage = self.cfg.tune.stage2
+        return stage.distill_teacher == "code_bits" and max(stage.distill_weights) > 0
+
+    def teacher_logits(self, rows: pa.Table) -> np.ndarray | None:
+        """The code_bits teacher's logits on `rows`, fitted as tune_lora fits it (every train row of the examples);
+        0 where a row lacks a code; None when the train rows cannot fit it (tune_lora then trains on labels)."""
+        user_codes, item_codes = self.codes()
+        estimates = code_estimates(rows, None, user_codes, item_codes, TEACHER, "code_bits",
+                                   split_rows(self.examples, "train", 0, self.cfg.run.seed))
+        if estimates is None:
+            return None
+        p = estimates.astype(np.float64)
+        return np.nan_to_num(np.log(p) - np.log1p(-p), nan=0.0).astype(np.float32)
+
+    def teacher_valid_auc(self) -> float:
+        """The code_bits teacher's AUC on the stage-2 validation rows (the rows of `binmf_valid_auc`)."""
+        _, rows = stage_rows(self.examples, self.cfg.tune.stage2, self.cfg.run.seed)
+        return auc(rows.column("label").to_numpy(zero_copy_only=False), self.teacher_logits(rows))
 
     def method_sections(self, spec: MethodSpec) -> tuple[PromptConfig, TuneConfig]:
         """The prompt and tune sections of an LLM method: one intuitive stage on its prompts (TO: text-only
@@ -384,29 +412,46 @@ def _run_methods(cfg: Config, paper: PaperRun) -> PaperTable:
         log.warning("paper.time_budget_s (%d s) spent: not run %s; a rerun of this run.name adds them",
                     cfg.paper.time_budget_s, skipped)
     results = [done[s] for s in specs if s in done]
+    extra, wanted, unblended = _beyond_paper(paper, results)
+    for row in extra:
+        scored[row.spec] = evaluate_scores(paper.test, row.logits)
+        log.info("%s: test AUC %.4f", row.spec.name, scored[row.spec]["all_auc"])
+    results += extra
+    metrics = report_table({r.spec.name: scored[r.spec] for r in results})
+    logits = {r.spec.name: r.logits for r in results}
+    pairs = pairwise_report(logits, paper.test.column("label").to_numpy(zero_copy_only=False),
+                            match_pairs(PAPER_PAIRS + wanted, list(logits)), N_BOOT, cfg.run.seed)
+    text = "\n\n".join(t for t in (format_report(metrics), format_pairs(pairs)) if t)
+    references = {}
+    if MethodSpec("BinMF") in done and any(r.spec.method in CODE_METHODS for r in results):
+        references["BinMF on the stage-2 validation rows"] = paper.binmf_valid_auc()
+    if any(r.spec.method == TEACHER for r in extra):
+        references[f"{TEACHER} (the teacher) on the stage-2 validation rows"] = paper.teacher_valid_auc()
+    return PaperTable(metrics, results, paper.test, text, time.perf_counter() - started, skipped, device, pairs,
+                      references, unblended)
+
+
+def _beyond_paper(paper: PaperRun, results: list[MethodResult]) -> tuple[list[MethodResult], tuple, list[str]]:
+    """The rows beyond the paper's (the "<method>+BinMF" blends, the CodeBits teacher), the pairs they add to the
+    report, and the methods in paper.blend left without a blend row (and why)."""
     blended = [r for r in results if paper.blends(r.spec)]
-    blends = [paper.blend_row(r) for r in blended if paper.can_blend(r)]
+    rows = [paper.blend_row(r) for r in blended if paper.can_blend(r)]
     unblended = [f"{r.spec.name} (its scores of the {paper.blend_rows.num_rows} blend validation rows are missing: "
                  f"finished by an earlier invocation; remove paper/methods/{r.spec.slug}.* to rerun it)"
                  for r in blended if not paper.can_blend(r)]
     if unblended:
         log.warning("no blend row for %s", "; ".join(unblended))
-    for blend in blends:
-        scored[blend.spec] = evaluate_scores(paper.test, blend.logits)
-        log.info("%s: test AUC %.4f (weights %s)", blend.spec.name, scored[blend.spec]["all_auc"],
-                 np.round(blend.notes["blend"]["weights"], 3).tolist())
-    results += blends
-    metrics = report_table({r.spec.name: scored[r.spec] for r in results})
-    logits = {r.spec.name: r.logits for r in results}
-    wanted = PAPER_PAIRS + blend_pairs(list(dict.fromkeys(r.spec.method for r in blended)))
-    pairs = pairwise_report(logits, paper.test.column("label").to_numpy(zero_copy_only=False),
-                            match_pairs(wanted, list(logits)), N_BOOT, cfg.run.seed)
-    text = "\n\n".join(t for t in (format_report(metrics), format_pairs(pairs)) if t)
-    references = {}
-    if MethodSpec("BinMF") in done and any(r.spec.method in CODE_METHODS for r in results):
-        references["BinMF on the stage-2 validation rows"] = paper.binmf_valid_auc()
-    return PaperTable(metrics, results, paper.test, text, time.perf_counter() - started, skipped, device, pairs,
-                      references, unblended)
+    for row in rows:
+        log.info("%s: weights %s", row.spec.name, np.round(row.notes["blend"]["weights"], 3).tolist())
+    pairs = blend_pairs(list(dict.fromkeys(r.spec.method for r in blended)))
+    if paper.distils_code_bits() and any(r.spec.method in CODE_METHODS for r in results):
+        started = time.perf_counter()
+        logits = paper.teacher_logits(paper.test)
+        if logits is not None:
+            rows.append(MethodResult(MethodSpec(TEACHER), logits, time.perf_counter() - started, [],
+                                     {"teacher": "tune.stage2.distill_teacher code_bits"}))
+            pairs += TEACHER_PAIRS
+    return rows, pairs, unblended
 
 
 def _profile_notes(cfg: Config, test: pa.Table) -> list[str]:
