@@ -90,6 +90,8 @@ def test_paper_presets_load_with_the_official_settings():
     cpu = load_config(["ray_config.yaml", "cluster/presets/paper_ml1m.yaml", "cluster/presets/paper_ml1m_cpu.yaml"])
     assert cpu.tune.stage1.max_train_rows > 0 and cpu.paper.max_test_rows > 0
     assert (cpu.tune.stage2.epochs, cpu.tune.stage2.distill, cpu.tune.stage1.distill) == (3, 0.9, 0.0)
+    assert cpu.tune.stage2.distill_teacher == "code_bits" and load_config("ray_config.yaml").tune.stage2.distill_teacher \
+        == "inner_product"
 
 
 def test_demo_preset_only_resizes_the_defaults_and_distills_stage2():
