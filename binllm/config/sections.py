@@ -155,8 +155,9 @@ class StageConfig:
     # own click estimate (Platt-scaled <h_u, h_i>, binllm.tune.code_targets); 0: the labels alone, as the paper
     distill_end: float | None = None  # the weight at the stage's last step, reached linearly from distill (first
     # learn to read the codes, then what the labels add); None: distill throughout
-    distill_teacher: Literal["inner_product", "code_bits"] = "inner_product"  # the codes' estimate: inner_product (BinMF's <h_u, h_i>, Platt-scaled on
-    # the stage's train rows) | code_bits (a logistic regression on both codes' bits, fitted on every train row)
+    # the codes' estimate distilled: inner_product (BinMF's <h_u, h_i>, Platt-scaled on the stage's train rows) |
+    # code_bits (a logistic regression on both codes' bits, fitted on every train row; binllm.tune.code_targets)
+    distill_teacher: Literal["inner_product", "code_bits"] = "inner_product"
 
     @property
     def distill_weights(self) -> tuple[float, float]:
