@@ -1,10 +1,15 @@
-"""The paper table's rows: a method (MethodSpec), its scores and training history (MethodResult), the table."""
+"""The paper table's rows: a method (MethodSpec), its scores and training history (MethodResult), the table, and
+the names of the rows beyond the paper (the "<method>+BinMF" blends, the CodeBits teacher)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+
+BLEND_PARTNER = "BinMF"  # the "<method>+BinMF" rows blend a code method with it
+TEACHER = "CodeBits"  # the row of stage 2's code_bits distillation teacher
+TEACHER_PAIRS = (("BinLLM", TEACHER), ("IO", TEACHER), ("IT", TEACHER), (TEACHER, "BinMF"))
 
 
 @dataclass(frozen=True)
@@ -43,3 +48,17 @@ class PaperTable:
     pairs: pa.Table | None = None  # pairwise_report of PAPER_PAIRS among the methods run
     valid_references: dict[str, float] = field(default_factory=dict)  # drawn across valid_auc.png
     unblended: list[str] = field(default_factory=list)  # methods in paper.blend left without a blend row, and why
+
+
+def blend_method(method: str) -> str:
+    """The name of `method`'s blend row: "<method>+BinMF"."""
+    return f"{method}+{BLEND_PARTNER}"
+
+
+def blend_spec(spec: MethodSpec) -> MethodSpec:
+    return MethodSpec(blend_method(spec.method), spec.code_format)
+
+
+def blend_pairs(methods: list[str]) -> tuple[tuple[str, str], ...]:
+    """The blend rows' pairs: each against BinMF and against its method alone."""
+    return tuple(pair for m in methods for pair in ((blend_method(m), BLEND_PARTNER), (blend_method(m), m)))

@@ -53,7 +53,8 @@ from binllm.evaluation import llm_logits
 from binllm.llm.lora import apply_lora
 from binllm.metrics import (N_BOOT, PAPER_PAIRS, auc, evaluate_scores, format_pairs, format_report, match_pairs,
                             pairwise_report, report_table)
-from binllm.paper_rows import MethodResult, MethodSpec, PaperTable
+from binllm.paper_rows import (BLEND_PARTNER, TEACHER, TEACHER_PAIRS, MethodResult, MethodSpec, PaperTable, blend_pairs,
+                               blend_spec)
 from binllm.plots import plot_auc_bars, plot_score_distributions, plot_validation_curves
 from binllm.run_steps import prepare_run, publish_encoder
 from binllm.train.state import copy_into_parameters
@@ -65,9 +66,6 @@ log = logging.getLogger(__name__)
 SECTIONS = ("run", "storage", "data", "encoder", "prompt", "llm", "tune", "score", "paper", "tracking")
 PAPER_DIR = "paper"
 METHODS = PAPER_METHODS
-BLEND_PARTNER = "BinMF"
-TEACHER = "CodeBits"  # the row of stage 2's code_bits distillation teacher
-TEACHER_PAIRS = (("BinLLM", TEACHER), ("IO", TEACHER), ("IT", TEACHER), (TEACHER, "BinMF"))
 PAPER_ML1M = {  # AUC, UAUC on ML-1M (Zhang et al. 2024, Table 2)
     "MF": (0.6482, 0.6361), "BinMF": (0.7189, 0.6654), "TO": (0.7097, 0.6818), "IO": (0.7307, 0.6797),
     "IT": (0.7286, 0.6842), "BinLLM": (0.7425, 0.6956),
@@ -342,20 +340,6 @@ class PaperRun:
         fs, path = storage.filesystem_for(uri, self.cfg.storage)
         with fs.open_input_stream(path) as f:
             return load_safetensors(f.read())
-
-
-def blend_method(method: str) -> str:
-    """The name of `method`'s blend row: "<method>+BinMF"."""
-    return f"{method}+{BLEND_PARTNER}"
-
-
-def blend_spec(spec: MethodSpec) -> MethodSpec:
-    return MethodSpec(blend_method(spec.method), spec.code_format)
-
-
-def blend_pairs(methods: list[str]) -> tuple[tuple[str, str], ...]:
-    """The blend rows' pairs: each against BinMF and against its method alone."""
-    return tuple(pair for m in methods for pair in ((blend_method(m), BLEND_PARTNER), (blend_method(m), m)))
 
 
 def run_paper_table(cfg: Config, device: str | None = None) -> PaperTable:
