@@ -91,15 +91,16 @@ def code_estimates(rows: pa.Table, labels: np.ndarray, user_codes: pa.Table, ite
     """
     if teacher not in ("inner_product", "code_bits"):
         raise ValueError(f"distill teacher: expected inner_product or code_bits, got {teacher!r}")
+    users, items, known = code_signs(rows, user_codes, item_codes)
+    fit_users, fit_items, fit_known = users, items, known
     if fit_rows is not None:
         labels = fit_rows.column("label").to_numpy(zero_copy_only=False)
-    fit_users, fit_items, fit_known = code_signs(rows if fit_rows is None else fit_rows, user_codes, item_codes)
+        fit_users, fit_items, fit_known = code_signs(fit_rows, user_codes, item_codes)
     fit_labels = labels[fit_known].astype(np.float64)
     if fit_known.sum() == 0 or len(np.unique(fit_labels)) < 2:
         log.warning("%s: distill needs train rows of both labels with both codes (%d have codes); labels only",
                     stage, int(fit_known.sum()))
         return None
-    users, items, known = code_signs(rows, user_codes, item_codes)
     if teacher == "inner_product":
         a, b = platt_scale((fit_users * fit_items).sum(axis=1)[fit_known], fit_labels)
         logits = a * (users * items).sum(axis=1) + b
