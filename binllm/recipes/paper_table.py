@@ -59,7 +59,7 @@ from binllm.plots import plot_auc_bars, plot_score_distributions, plot_validatio
 from binllm.run_steps import prepare_run, publish_encoder
 from binllm.train.state import copy_into_parameters
 from binllm.tune import stage_rows, tune_lora
-from binllm.tune.code_targets import code_estimates
+from binllm.tune.code_targets import code_estimates, teacher_fit_rows
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class PaperRun:
         0 where a row lacks a code; None when the train rows cannot fit it (tune_lora then trains on labels)."""
         user_codes, item_codes = self.codes()
         estimates = code_estimates(rows, None, user_codes, item_codes, TEACHER, "code_bits",
-                                   split_rows(self.examples, "train", 0, self.cfg.run.seed))
+                                   teacher_fit_rows(self.examples, "code_bits", self.cfg.run.seed))
         if estimates is None:
             return None
         p = estimates.astype(np.float64)

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from binllm import data
 from binllm.codes import read_code_table, unpack_bits
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,12 @@ def bit_features(users: np.ndarray, items: np.ndarray) -> np.ndarray:
     agreement = users * items
     bits = users.shape[1]
     return np.hstack([agreement.sum(axis=1, keepdims=True) / bits, users, items, agreement, np.ones((len(users), 1))])
+
+
+def teacher_fit_rows(examples: pa.Table, teacher: str, seed: int) -> pa.Table | None:
+    """The rows `teacher` is fitted on: every train row of the examples for code_bits (the rows BinMF trained on);
+    None for inner_product, which is Platt-scaled on the stage's own rows."""
+    return data.split_rows(examples, "train", 0, seed) if teacher == "code_bits" else None
 
 
 def code_estimates(rows: pa.Table, labels: np.ndarray, user_codes: pa.Table, item_codes: pa.Table,

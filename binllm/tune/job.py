@@ -30,9 +30,9 @@ from binllm.train.micro_batches import stage_steps
 from binllm.train.schedule import warmup_cosine
 from binllm.train.stages import StageAware
 from binllm.train.state import copy_into_parameters
-from binllm.tune.code_targets import code_estimates
+from binllm.tune.code_targets import code_estimates, teacher_fit_rows
 from binllm.tune.memory_probe import fit_micro_batch_tokens
-from binllm.tune.stage_data import PromptSet, Stage, split_rows, stage_rows, tokenize_rows, tuning_stages
+from binllm.tune.stage_data import PromptSet, Stage, stage_rows, tokenize_rows, tuning_stages
 from binllm.tune.stage_task import StageTask
 
 log = logging.getLogger(__name__)
@@ -214,9 +214,8 @@ def _stage_prompts(stage: Stage, examples: pa.Table, items: pa.Table, user_codes
             log.info("%s: distill %s unused: text-only prompts show no codes", stage.name, weights)
         else:
             teacher = stage.settings.distill_teacher
-            fit_rows = split_rows(examples, "train", 0, seed) if teacher == "code_bits" else None
             train.code_estimates = code_estimates(train_rows, train.labels, user_codes, item_codes, stage.name,
-                                                  teacher, fit_rows)
+                                                  teacher, teacher_fit_rows(examples, teacher, seed))
     valid, _ = tokenize_rows(valid_rows, items, user_codes, item_codes, prompt, stage.prompt_kind, tokenizer)
     if len(np.unique(valid.labels)) < 2:
         raise DataError(f"{stage.name}: the validation rows hold one label class only; AUC is undefined")
