@@ -15,8 +15,8 @@ from binllm.llm import answer_tokens, load_causal_lm
 from binllm.train.backend import LocalBackend
 from binllm.tune import split_rows
 from binllm.metrics import auc
-from binllm.tune.code_targets import (bit_features, code_agreement, code_estimates, code_signs, fit_logistic,
-                                      mix_targets, platt_scale)
+from binllm.tune.code_targets import (bit_features, code_agreement, code_estimates, code_logits, code_signs,
+                                      fit_logistic, mix_targets, platt_scale)
 from binllm.tune.job import _stage_prompts
 from binllm.tune.stage_data import tuning_stages
 from binllm.tune.stage_task import StageTask
@@ -105,6 +105,9 @@ def test_code_bits_teacher_is_fitted_on_fit_rows_and_leaves_rows_without_codes_t
     on_fit_rows = code_estimates(stage, stage_labels, users, items, "stage2", "code_bits", fit_rows)
     on_stage_rows = code_estimates(stage, stage_labels, users, items, "stage2", "code_bits")
     assert np.isnan(on_fit_rows[-1]) and np.isfinite(on_fit_rows[:-1]).all()
+    logits = code_logits(stage, stage_labels, users, items, "stage2", "code_bits", fit_rows)
+    assert np.isnan(logits[-1]) and logits.dtype == np.float64
+    np.testing.assert_allclose(on_fit_rows[:-1], 1.0 / (1.0 + np.exp(-logits[:-1])), rtol=1e-6)
     assert not np.allclose(on_fit_rows[:-1], on_stage_rows[:-1])
     user_signs, item_signs, known = code_signs(fit_rows, users, items)
     design = bit_features(user_signs, item_signs)

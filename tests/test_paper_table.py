@@ -23,7 +23,7 @@ from binllm.recipes import paper_table
 from binllm.recipes.paper_table import MethodSpec, method_specs, run_order, run_paper_table
 from binllm.train.state import copy_into_parameters
 from binllm.tune import stage_rows
-from binllm.tune.code_targets import code_estimates
+from binllm.tune.code_targets import code_estimates, code_logits
 from synthetic import make_planted_examples
 
 STAGE = {"epochs": 1, "micro_batch_size": 16, "max_train_rows": 96, "max_valid_rows": 32, "eval_every": 3,
@@ -231,9 +231,9 @@ def test_a_code_bits_teacher_gets_its_own_row_pairs_and_validation_reference(pap
     assert list(by_name)[:-1] == [r.spec.name for r in paper_run.results] and list(by_name)[-1] == "CodeBits"
     examples = pq.read_table(f"{copy_cfg.run_dir()}/examples/examples.parquet")
     user_codes, item_codes = export_codes(load_encoder(f"{copy_cfg.run_dir()}/encoder"))
-    p = code_estimates(paper_run.test, None, user_codes, item_codes, "test", "code_bits",
-                       split_rows(examples, "train", 0, copy_cfg.run.seed)).astype(np.float64)
-    np.testing.assert_allclose(by_name["CodeBits"].logits, np.log(p / (1 - p)), rtol=1e-5, atol=1e-5)
+    logits = code_logits(paper_run.test, None, user_codes, item_codes, "test", "code_bits",
+                         split_rows(examples, "train", 0, copy_cfg.run.seed))
+    np.testing.assert_array_equal(by_name["CodeBits"].logits, logits.astype(np.float32))
     payload = json.loads(open(f"{copy_cfg.run_dir()}/paper/metrics.json").read())
     named = {(q["a"], q["b"]) for q in payload["pairs"]}
     assert {("BinLLM (binary)", "CodeBits"), ("IO (dotted)", "CodeBits"), ("IT (binary)", "CodeBits"),

@@ -59,7 +59,7 @@ from binllm.plots import plot_auc_bars, plot_score_distributions, plot_validatio
 from binllm.run_steps import prepare_run, publish_encoder
 from binllm.train.state import copy_into_parameters
 from binllm.tune import stage_rows, tune_lora
-from binllm.tune.code_targets import code_estimates, teacher_fit_rows
+from binllm.tune.code_targets import code_logits, teacher_fit_rows
 
 log = logging.getLogger(__name__)
 
@@ -211,12 +211,9 @@ class PaperRun:
         """The code_bits teacher's logits on `rows`, fitted as tune_lora fits it (every train row of the examples);
         0 where a row lacks a code; None when the train rows cannot fit it (tune_lora then trains on labels)."""
         user_codes, item_codes = self.codes()
-        estimates = code_estimates(rows, None, user_codes, item_codes, TEACHER, "code_bits",
-                                   teacher_fit_rows(self.examples, "code_bits", self.cfg.run.seed))
-        if estimates is None:
-            return None
-        p = estimates.astype(np.float64)
-        return np.nan_to_num(np.log(p) - np.log1p(-p), nan=0.0).astype(np.float32)
+        logits = code_logits(rows, None, user_codes, item_codes, TEACHER, "code_bits",
+                             teacher_fit_rows(self.examples, "code_bits", self.cfg.run.seed))
+        return None if logits is None else np.nan_to_num(logits, nan=0.0).astype(np.float32)
 
     def teacher_valid_auc(self) -> float:
         """The code_bits teacher's AUC on the stage-2 validation rows (the rows of `binmf_valid_auc`)."""

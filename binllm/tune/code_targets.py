@@ -87,12 +87,12 @@ def teacher_fit_rows(examples: pa.Table, teacher: str, seed: int) -> pa.Table | 
     return data.split_rows(examples, "train", 0, seed) if teacher == "code_bits" else None
 
 
-def code_estimates(rows: pa.Table, labels: np.ndarray, user_codes: pa.Table, item_codes: pa.Table,
-                   stage: str, teacher: str = "inner_product", fit_rows: pa.Table | None = None) -> np.ndarray | None:
-    """float32 p_codes per row, NaN where a row lacks a code; None (with a warning) when the fitting rows with both
-    codes do not hold both labels. The teacher is fitted on `fit_rows` (its 'label' column) or else on `rows`
-    with `labels`:
-    - inner_product: sigmoid(a <h_u, h_i> + b), BinMF's own score Platt-scaled;
+def code_logits(rows: pa.Table, labels: np.ndarray | None, user_codes: pa.Table, item_codes: pa.Table,
+                stage: str, teacher: str = "inner_product", fit_rows: pa.Table | None = None) -> np.ndarray | None:
+    """float64 teacher logits per row, NaN where a row lacks a code; None (with a warning) when the fitting rows
+    with both codes do not hold both labels. The teacher is fitted on `fit_rows` (its 'label' column) or else on
+    `rows` with `labels`:
+    - inner_product: a <h_u, h_i> + b, BinMF's own score Platt-scaled;
     - code_bits: a logistic regression on bit_features (ridge CODE_BITS_RIDGE per fitting row), which can read
       what the inner product weighs equally or leaves out: a bit that marks a popular item or a generous user.
     """
@@ -119,10 +119,16 @@ def code_estimates(rows: pa.Table, labels: np.ndarray, user_codes: pa.Table, ite
         theta = fit_logistic(design, fit_labels, ridge)
         logits = bit_features(users, items) @ theta
         described = f"logistic regression on the code bits ({design.shape[1]} weights)"
-    p_codes = np.where(known, 1.0 / (1.0 + np.exp(-logits)), np.nan)
     log.info("%s: %s fitted on %d train rows; %d rows without both codes keep their labels", stage, described,
              int(fit_known.sum()), int((~known).sum()))
-    return p_codes.astype(np.float32)
+    return np.where(known, logits, np.nan)
+
+
+def code_estimates(rows: pa.Table, labels: np.ndarray | None, user_codes: pa.Table, item_codes: pa.Table,
+                   stage: str, teacher: str = "inner_product", fit_rows: pa.Table | None = None) -> np.ndarray | None:
+    """float32 p_codes = sigmoid(code_logits(...)) per row, NaN where a row lacks a code; None as code_logits."""
+    logits = code_logits(rows, labels, user_codes, item_codes, stage, teacher, fit_rows)
+    return None if logits is None else (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
 
 def mix_targets(labels: np.ndarray, p_codes: np.ndarray | None, weight: float) -> np.ndarray:
