@@ -97,8 +97,9 @@ def test_paper_presets_load_with_the_official_settings():
 def test_demo_preset_only_resizes_the_defaults_and_distills_stage2():
     base = load_config("ray_config.yaml")
     demo = load_config(["ray_config.yaml", "cluster/presets/demo_cpu.yaml"])
-    assert (demo.data.format, demo.tune.stage2.max_train_rows, demo.demo.max_test_rows) == ("demo_ml1m", 2000, 2000)
+    assert (demo.data.format, demo.tune.stage2.max_train_rows, demo.demo.max_test_rows) == ("demo_ml1m", 1000, 2000)
     assert (demo.tune.stage2.distill, demo.tune.stage1.distill, base.tune.stage2.distill) == (0.9, 0.0, 0.0)
+    assert (demo.tune.stage2.epochs, demo.tune.stage2.distill_teacher) == (3, "code_bits")
     assert (demo.tune.stage2.lr, demo.encoder.vocabulary, demo.prompt.code_format) == (
         base.tune.stage2.lr, base.encoder.vocabulary, base.prompt.code_format)
 
