@@ -90,8 +90,8 @@ def test_paper_presets_load_with_the_official_settings():
     cpu = load_config(["ray_config.yaml", "cluster/presets/paper_ml1m.yaml", "cluster/presets/paper_ml1m_cpu.yaml"])
     assert cpu.tune.stage1.max_train_rows > 0 and cpu.paper.max_test_rows > 0
     assert (cpu.tune.stage2.epochs, cpu.tune.stage2.distill, cpu.tune.stage1.distill) == (3, 0.9, 0.0)
-    assert cpu.tune.stage2.distill_teacher == "code_bits" and load_config("ray_config.yaml").tune.stage2.distill_teacher \
-        == "inner_product"
+    assert cpu.tune.stage2.distill_teacher == "code_bits"
+    assert load_config("ray_config.yaml").tune.stage2.distill_teacher == "inner_product"
 
 
 def test_demo_preset_only_resizes_the_defaults_and_distills_stage2():
@@ -99,7 +99,7 @@ def test_demo_preset_only_resizes_the_defaults_and_distills_stage2():
     demo = load_config(["ray_config.yaml", "cluster/presets/demo_cpu.yaml"])
     assert (demo.data.format, demo.tune.stage2.max_train_rows, demo.demo.max_test_rows) == ("demo_ml1m", 1000, 2000)
     assert (demo.tune.stage2.distill, demo.tune.stage1.distill, base.tune.stage2.distill) == (0.9, 0.0, 0.0)
-    assert (demo.tune.stage2.epochs, demo.tune.stage2.distill_teacher) == (3, "code_bits")
+    assert (demo.tune.stage2.epochs, demo.tune.stage2.eval_every, demo.tune.stage2.distill_teacher) == (3, 0, "code_bits")
     assert (demo.tune.stage2.lr, demo.encoder.vocabulary, demo.prompt.code_format) == (
         base.tune.stage2.lr, base.encoder.vocabulary, base.prompt.code_format)
 
