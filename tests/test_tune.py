@@ -11,6 +11,7 @@ from peft import PeftModel
 from binllm.codes import code_table
 from binllm.config import load_config
 from binllm.llm import load_causal_lm, score_prompts
+from binllm.metrics import auc
 from binllm.prompts import build_prompts
 from binllm.train.backend import LocalBackend
 from binllm.config import StageConfig
@@ -63,6 +64,9 @@ def test_intuitive_tuning_learns_the_planted_signal(planted, tiny_llm_dir):
     assert stage.steps == 60 and [h["step"] for h in stage.history] == [20, 40, 60]
     assert stage.history[-1]["loss"] < stage.history[0]["loss"] / 2
     assert result.best_auc > 0.9
+    # the best validation's scores come back in row order, beside the labels they were scored against
+    assert len(result.valid_scores) == len(result.valid_labels) == stage.valid_rows == 64
+    assert auc(result.valid_labels, result.valid_scores) == pytest.approx(result.best_auc, abs=1e-12)
     assert 0 < stage.train_tokens <= stage.padded_tokens
     assert all(name in dict(result.model.named_parameters()) for name in result.adapter_state)
     assert any("lora_B" in name and value.abs().sum() > 0 for name, value in result.adapter_state.items())

@@ -1,24 +1,37 @@
 """Tuning variants at an equal number of prompts on the demo's data: prompts/s and validation AUC, one run.
 
     python -m jobs.benchmark_tuning_at_equal_prompts --prompts 640 --valid-rows 1000
+    python -m jobs.benchmark_tuning_at_equal_prompts --prompts 400 --epochs 3 --valid-rows 640 \
+        --set tune.stage2.distill=0.9 --set tune.stage2.distill_teacher=code_bits          # the demo's stage-2 target
     python -m jobs.benchmark_tuning_at_equal_prompts --prompts 16 --valid-rows 16 --top-layers 8 \
         --set encoder.max_epochs=1 --output-root /tmp/runs                                # a quick smoke run
 
 The demo preset's data and encoder (ML-1M, the paper's months, BinMF codes), the real SmolLM2-135M, bf16
-autocast; each variant tunes fresh LoRA on the same --prompts full prompts (one epoch, intuitive mode, the
-demo's stage-2 lr and schedule) and is validated once, at the end, on the same --valid-rows rows. Variants:
+autocast where the CPU computes it natively (tune.autocast: auto; --autocast bfloat16 forces it); each variant
+tunes fresh LoRA on the same --prompts full prompts for --epochs epochs (intuitive mode, the demo's stage-2 lr
+and schedule) and is validated at the end of every epoch on the same --valid-rows rows. Variants:
 - every layer: LoRA r=8 on q_proj/v_proj of all 30 layers (the demo before the frozen-trunk cache);
-- top N cached: LoRA on every projection of the last N layers, the trunk below cached (tune.cache_trunk).
-prompts/s counts the stage's wall time without validation; "x" is the ratio to the first variant.
+- top N cached: LoRA on every projection of the last N layers, the trunk below cached (tune.cache_trunk), with
+  LoRA dropout --top-dropout (default: tune.lora.dropout).
+prompts/s counts prompt passes (prompts x epochs) over the stage's wall time without validation; "x" is the
+ratio to the first variant; each variant's best validation AUC is compared with the first's on the same rows
+(paired bootstrap, 1,000 resamples: the difference and its 95% interval). The validation scores of every variant
+are written to <output root>/bench-equal-prompts/valid_scores.parquet (a label column, a column per variant).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from binllm import sources
 from binllm.config import TuneConfig, load_config
 from binllm.encoder import export_codes, train_encoder
+from binllm.metrics import paired_bootstrap_auc_diff
 from binllm.run_steps import prepare_run
 from binllm.tune import tune_lora
 
@@ -28,43 +41,79 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=640)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--valid-rows", type=int, default=1000)
+    parser.add_argument("--autocast", default="auto", choices=["", "auto", "bfloat16"])
     parser.add_argument("--top-layers", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--top-dropout", type=float, default=None,
+                        help="LoRA dropout of the top-N variants (default: tune.lora.dropout, as every layer's)")
     parser.add_argument("--output-root", default="runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides after the benchmark's own, e.g. encoder.max_epochs=1 for a quick run")
     return parser.parse_args(argv)
 
 
-def variant(tune: TuneConfig, top_layers: int) -> TuneConfig:
-    lora = (dataclasses.replace(tune.lora, top_layers=0, target_modules=["q_proj", "v_proj"]) if top_layers == 0
-            else dataclasses.replace(tune.lora, top_layers=top_layers, target_modules=ALL_PROJECTIONS))
-    return dataclasses.replace(tune, lora=lora, cache_trunk=top_layers > 0)
+def variant(tune: TuneConfig, top_layers: int, dropout: float | None = None) -> tuple[str, TuneConfig]:
+    """(name, tune settings) of a variant: top_layers 0 is every layer; dropout None keeps tune.lora's."""
+    if top_layers == 0:
+        lora = dataclasses.replace(tune.lora, top_layers=0, target_modules=["q_proj", "v_proj"])
+        name = "every layer"
+    else:
+        lora = dataclasses.replace(tune.lora, top_layers=top_layers, target_modules=ALL_PROJECTIONS)
+        name = f"top {top_layers} cached"
+    if dropout is not None and dropout != tune.lora.dropout:
+        lora, name = dataclasses.replace(lora, dropout=dropout), f"{name}, dropout {dropout:g}"
+    return name, dataclasses.replace(tune, lora=lora, cache_trunk=top_layers > 0)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_config("ray_config.yaml", [
         "data.format=demo_ml1m", "data.split.kind=months", "data.warm_min_train=4", "encoder.vocabulary=all",
-        "encoder.shared_mask=true", "prompt.code_format=binary", "tune.mode=intuitive", "tune.autocast=bfloat16",
+        "encoder.shared_mask=true", "prompt.code_format=binary", "tune.mode=intuitive", f"tune.autocast={args.autocast}",
         "run.name=bench-equal-prompts", f"run.output_root={args.output_root}",
         f"tune.stage2={{lr: 0.002, micro_batch_size: 16, max_train_rows: {args.prompts}, "
-        f"max_valid_rows: {args.valid_rows}, epochs: 1, eval_every: 0, warmup_ratio: 0.05, min_lr: 0.0002}}",
+        f"max_valid_rows: {args.valid_rows}, epochs: {args.epochs}, eval_every: 0, warmup_ratio: 0.05, min_lr: 0.0002}}",
         *args.overrides])
     examples, items = prepare_run(cfg.data, cfg.layout())
     binmf = train_encoder(examples, cfg.encoder, kind="binary", seed=cfg.run.seed)
     user_codes, item_codes = export_codes(binmf)
-    rows = []
+    runs = []
     for top in [0, *args.top_layers]:
+        name, tune = variant(cfg.tune, top, args.top_dropout if top else None)
         model, tokenizer = sources.load_base_model(cfg.llm, cfg.storage)
-        (stage,) = tune_lora(examples, items, user_codes, item_codes, tune=variant(cfg.tune, top), prompt=cfg.prompt,
-                             llm=cfg.llm, seed=cfg.run.seed, model=model, tokenizer=tokenizer).stages
-        name = f"top {top} cached" if top else "every layer"
-        rows.append((name, stage.train_rows / stage.train_seconds, stage.best_auc, stage.train_seconds))
-        print(f"{name}: {rows[-1][1]:.2f} prompts/s, validation AUC {stage.best_auc:.4f}", flush=True)
-    print(f"\nLoRA tuning at {args.prompts} prompts (one epoch), validation on {args.valid_rows} rows, "
+        tuned = tune_lora(examples, items, user_codes, item_codes, tune=tune, prompt=cfg.prompt, llm=cfg.llm,
+                          seed=cfg.run.seed, model=model, tokenizer=tokenizer)
+        runs.append((name, tuned))
+        (stage,) = tuned.stages
+        print(f"{name}: {prompt_passes(stage) / stage.train_seconds:.2f} prompts/s, "
+              f"validation AUC {stage.best_auc:.4f}", flush=True)
+    scores_path = Path(cfg.run_dir(), "valid_scores.parquet")
+    pq.write_table(pa.table({"label": runs[0][1].valid_labels, **{n: t.valid_scores for n, t in runs}}), scores_path)
+    print(f"\nLoRA tuning at {args.prompts} prompts x {args.epochs} epochs, validation on {args.valid_rows} rows, "
           f"BinMF validation AUC (warm rows) {binmf.best_auc:.4f}")
-    for name, per_second, auc, seconds in rows:
-        print(f"  {name:16s} {per_second:6.2f} prompts/s  {per_second / rows[0][1]:5.2f}x  valid AUC {auc:.4f}  "
-              f"({seconds:.0f} s)")
+    print(report(runs))
+    print(f"validation scores of every variant (same rows): {scores_path}")
 
+
+def prompt_passes(stage) -> float:
+    return stage.steps * stage.prompts_per_step
+
+
+def report(runs) -> str:
+    """A line per variant: prompt passes/s, its ratio to the first variant, best validation AUC and its paired
+    difference from the first variant's on the same rows."""
+    _, first = runs[0]
+    per_second = [prompt_passes(tuned.stages[0]) / tuned.stages[0].train_seconds for _, tuned in runs]
+    lines = []
+    for (name, tuned), rate in zip(runs, per_second):
+        stage = tuned.stages[0]
+        line = (f"  {name:24s} {rate:6.2f} prompts/s  {rate / per_second[0]:5.2f}x  valid AUC {stage.best_auc:.4f}  "
+                f"({prompt_passes(stage):.0f} passes in {stage.train_seconds:.0f} s)")
+        if tuned is not first:
+            if not np.array_equal(tuned.valid_labels, first.valid_labels):
+                raise ValueError(f"{name} was validated on other rows than {runs[0][0]}: no paired comparison")
+            d = paired_bootstrap_auc_diff(first.valid_labels, tuned.valid_scores, first.valid_scores)
+            line += f"  - every layer {d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+        lines.append(line)
+    return "\n".join(lines)

@@ -66,11 +66,17 @@ class TuneResult:
     answer: AnswerTokens
     best_auc: float
     stages: list[StageResult] = field(default_factory=list)
+    # The last stage's validation rows: labels, and the scores of its best validation (None when that stage was
+    # resumed as finished), in row order: paired comparisons of tuning variants on the same rows.
+    valid_labels: np.ndarray | None = None
+    valid_scores: np.ndarray | None = None
 
 
 def run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet, valid: PromptSet,
                answer: AnswerTokens, pad_id: int, seed: int, autocast: torch.dtype | None = None,
-               shared_prefix: bool = False, cache_trunk: bool = False) -> tuple[StageResult, dict[str, torch.Tensor]]:
+               shared_prefix: bool = False,
+               cache_trunk: bool = False) -> tuple[StageResult, dict[str, torch.Tensor], np.ndarray | None]:
+    """One stage: its summary, best LoRA state (loaded into `model`) and the best validation's scores."""
     settings = stage.settings
     if settings.micro_batch_tokens < 0:
         settings = dataclasses.replace(
@@ -118,7 +124,7 @@ def run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet
             log.info("%s: frozen trunk (layers below %d) cached for %d train and %d valid prompts, %.0f MiB",
                      stage.name, trunks[0].split, sum(s is not None for s in trunks[0].states),
                      sum(s is not None for s in trunks[1].states), (trunks[0].nbytes + trunks[1].nbytes) / 2**20)
-    return summary, result.best_state
+    return summary, result.best_state, task.best_valid_scores
 
 
 def tune_lora(
@@ -163,24 +169,25 @@ def tune_lora(
     results: list[StageResult] = []
     answer: AnswerTokens | None = None
     best_state: dict[str, torch.Tensor] | None = None
+    valid_scores: np.ndarray | None = None
     for stage in tuning_stages(tune, prompt.kind):
         train, valid, prompt_text = _stage_prompts(stage, examples, items, user_codes, item_codes, prompt, tokenizer,
                                                    seed)
         answer = answer or answer_tokens(tokenizer, prompt_text, llm.answer, llm.negative_answer)
         stage_backend = backend or LocalBackend(device, grad_accum=stage.settings.grad_accum)
-        summary, best_state = _run_or_resume_stage(stage, stage_backend, peft_model, train, valid, answer, pad_id,
-                                                   seed, tune)
+        summary, best_state, valid_scores = _run_or_resume_stage(stage, stage_backend, peft_model, train, valid,
+                                                                 answer, pad_id, seed, tune)
         results.append(summary)
 
-    return TuneResult(model=peft_model, adapter_state=best_state, answer=answer,
-                      best_auc=results[-1].best_auc, stages=results)
+    return TuneResult(model=peft_model, adapter_state=best_state, answer=answer, best_auc=results[-1].best_auc,
+                      stages=results, valid_labels=valid.labels, valid_scores=valid_scores)
 
 
 def _run_or_resume_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet, valid: PromptSet,
                          answer: AnswerTokens, pad_id: int, seed: int,
-                         tune: TuneConfig) -> tuple[StageResult, dict[str, torch.Tensor]]:
+                         tune: TuneConfig) -> tuple[StageResult, dict[str, torch.Tensor], np.ndarray | None]:
     """run_stage, unless a StageAware backend (Ray Train workers) says an earlier attempt finished the stage:
-    then its recorded result and best LoRA state, loaded into `model`."""
+    then its recorded result and best LoRA state, loaded into `model` (and no validation scores)."""
     finished = None
     if isinstance(backend, StageAware):
         finished = backend.begin_stage(stage.name, micro_batch_size=stage.settings.micro_batch_size,
@@ -190,12 +197,13 @@ def _run_or_resume_stage(stage: Stage, backend: Backend, model: PeftModel, train
         log.info("%s already finished in an earlier attempt (best AUC %.4f); skipping it", stage.name,
                  summary.best_auc)
         copy_into_parameters(model, best_state)
-        return summary, best_state
-    summary, best_state = run_stage(stage, backend, model, train, valid, answer, pad_id, seed,
-                                    autocast_dtype(tune.autocast, backend.device), tune.shared_prefix, tune.cache_trunk)
+        return summary, best_state, None
+    summary, best_state, valid_scores = run_stage(
+        stage, backend, model, train, valid, answer, pad_id, seed, autocast_dtype(tune.autocast, backend.device),
+        tune.shared_prefix, tune.cache_trunk)
     if isinstance(backend, StageAware):
         backend.end_stage(stage.name, {"result": dataclasses.asdict(summary), "best_state": best_state})
-    return summary, best_state
+    return summary, best_state, valid_scores
 
 
 def _stage_prompts(stage: Stage, examples: pa.Table, items: pa.Table, user_codes: pa.Table | None,

@@ -37,6 +37,8 @@ class StageTask:
         self.train_tokens = self.padded_tokens = 0
         self.eval_seconds = 0.0
         self.total_steps, self.step = total_steps, 0
+        # Scores of every validation row (row order) from this process's best validation so far; None before one.
+        self.best_auc, self.best_valid_scores = -np.inf, None
 
     def at_step(self, step: int) -> None:
         """run_training's on_step: the optimizer steps taken so far (also after a resume)."""
@@ -143,4 +145,7 @@ class StageTask:
         scores, labels = gathered["score"][first], self.valid.labels[index]
         loss = F.binary_cross_entropy_with_logits(torch.from_numpy(scores), torch.from_numpy(labels))
         self.eval_seconds += time.perf_counter() - started
-        return {"auc": auc(labels, scores), "loss": float(loss)}
+        metrics = {"auc": auc(labels, scores), "loss": float(loss)}
+        if metrics["auc"] > self.best_auc:  # run_training's rule: the first of equal AUCs is kept
+            self.best_auc, self.best_valid_scores = metrics["auc"], scores
+        return metrics
