@@ -100,6 +100,7 @@ def test_demo_preset_only_resizes_the_defaults_and_distills_stage2():
     assert (demo.data.format, demo.tune.stage2.max_train_rows, demo.demo.max_test_rows) == ("demo_ml1m", 1000, 2000)
     assert (demo.tune.stage2.distill, demo.tune.stage1.distill, base.tune.stage2.distill) == (0.9, 0.0, 0.0)
     assert (demo.tune.stage2.epochs, demo.tune.stage2.eval_every, demo.tune.stage2.distill_teacher) == (3, 0, "code_bits")
+    assert (demo.tune.lora.top_layers, demo.tune.lora.dropout, base.tune.lora.dropout) == (8, 0.0, 0.05)
     assert (demo.tune.stage2.lr, demo.encoder.vocabulary, demo.prompt.code_format) == (
         base.tune.stage2.lr, base.encoder.vocabulary, base.prompt.code_format)
 
