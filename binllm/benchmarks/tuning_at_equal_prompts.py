@@ -1,7 +1,7 @@
 """Tuning variants at an equal number of prompts on the demo's data: prompts/s and validation AUC, one run.
 
     python -m jobs.benchmark_tuning_at_equal_prompts --prompts 640 --valid-rows 1000
-    python -m jobs.benchmark_tuning_at_equal_prompts --prompts 400 --epochs 3 --valid-rows 640 \
+    python -m jobs.benchmark_tuning_at_equal_prompts --prompts 1000 --epochs 3 --valid-rows 640 --top-dropout 0 \
         --set tune.stage2.distill=0.9 --set tune.stage2.distill_teacher=code_bits          # the demo's stage-2 target
     python -m jobs.benchmark_tuning_at_equal_prompts --prompts 16 --valid-rows 16 --top-layers 8 \
         --set encoder.max_epochs=1 --output-root /tmp/runs                                # a quick smoke run
@@ -114,6 +114,6 @@ def report(runs) -> str:
             if not np.array_equal(tuned.valid_labels, first.valid_labels):
                 raise ValueError(f"{name} was validated on other rows than {runs[0][0]}: no paired comparison")
             d = paired_bootstrap_auc_diff(first.valid_labels, tuned.valid_scores, first.valid_scores)
-            line += f"  - every layer {d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+            line += f"  - {runs[0][0]} {d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
         lines.append(line)
     return "\n".join(lines)

@@ -124,7 +124,9 @@ def run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet
             log.info("%s: frozen trunk (layers below %d) cached for %d train and %d valid prompts, %.0f MiB",
                      stage.name, trunks[0].split, sum(s is not None for s in trunks[0].states),
                      sum(s is not None for s in trunks[1].states), (trunks[0].nbytes + trunks[1].nbytes) / 2**20)
-    return summary, result.best_state, task.best_valid_scores
+    # None when the kept state came from before a resume: this process never scored the validation rows with it
+    valid_scores = task.best_valid_scores if task.best_auc == result.best_auc else None
+    return summary, result.best_state, valid_scores
 
 
 def tune_lora(
