@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
                           seed=cfg.run.seed, model=model, tokenizer=tokenizer)
         runs.append((name, tuned))
         (stage,) = tuned.stages
-        print(f"{name}: {prompt_passes(stage) / stage.train_seconds:.2f} prompts/s, "
+        print(f"{name}: {passes_per_second(stage):.2f} prompts/s, "
               f"validation AUC {stage.best_auc:.4f}", flush=True)
     scores_path = Path(cfg.run_dir(), "valid_scores.parquet")
     pq.write_table(pa.table({"label": runs[0][1].valid_labels, **{n: t.valid_scores for n, t in runs}}), scores_path)
@@ -100,11 +100,15 @@ def prompt_passes(stage) -> float:
     return stage.steps * stage.prompts_per_step
 
 
+def passes_per_second(stage) -> float:
+    return prompt_passes(stage) / stage.train_seconds
+
+
 def report(runs) -> str:
     """A line per variant: prompt passes/s, its ratio to the first variant, best validation AUC and its paired
     difference from the first variant's on the same rows."""
     _, first = runs[0]
-    per_second = [prompt_passes(tuned.stages[0]) / tuned.stages[0].train_seconds for _, tuned in runs]
+    per_second = [passes_per_second(tuned.stages[0]) for _, tuned in runs]
     lines = []
     for (name, tuned), rate in zip(runs, per_second):
         stage = tuned.stages[0]
