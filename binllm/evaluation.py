@@ -77,6 +77,18 @@ def method_logits(scores: pa.Table, method: str) -> np.ndarray:
     return rows.column("logit").to_numpy(zero_copy_only=False).astype(np.float64)
 
 
+def blend_fit_scores(rows: pa.Table, binmf, binllm_logits: np.ndarray | None) -> pa.Table:
+    """BinMF's and BinLLM's logits of validation `rows` in long format, for add_blend; `binllm_logits` are the
+    tuned model's, in row order (TuneResult.valid_scores: the kept adapter's scores, no second forward pass)."""
+    if binllm_logits is None:
+        raise ValueError("blend: tuning returned no validation scores (its last stage was resumed as finished); "
+                         "score the validation rows with llm_logits instead")
+    if len(binllm_logits) != rows.num_rows:
+        raise ValueError(f"blend: {len(binllm_logits)} BinLLM validation logits for {rows.num_rows} validation rows")
+    binmf_logits = score_pairs(binmf, rows.column("user_id"), rows.column("item_id"))
+    return pa.concat_tables([long_scores(rows, "BinMF", binmf_logits), long_scores(rows, "BinLLM", binllm_logits)])
+
+
 def add_blend(valid_scores: pa.Table, test_scores: pa.Table) -> tuple[pa.Table, Blend]:
     """`test_scores` with a "Blend" method: a logistic regression on BinMF's and BinLLM's logits fitted on
     `valid_scores` (validation rows, long format), applied to the test rows. Beyond the paper: the BinLLM row

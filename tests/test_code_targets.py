@@ -165,14 +165,17 @@ def test_a_distilling_stage_trains_on_soft_targets_validates_on_labels_and_text_
                                              cfg.run.seed)
     train_rows = split_rows(examples, "train", 64, cfg.run.seed)
     labels = train_rows.column("label").to_numpy().astype(np.float32)
-    text_train, text_valid, _ = prompts["stage1"]
-    full_train, full_valid, _ = prompts["stage2"]
+    text_train, text_valid, text_valid_rows, _ = prompts["stage1"]
+    full_train, full_valid, full_valid_rows, _ = prompts["stage2"]
     assert np.array_equal(text_train.labels, labels)
     everything = np.arange(len(full_train))
     assert text_train.code_estimates is None and np.array_equal(full_train.labels, labels)
     np.testing.assert_array_equal(full_train.targets(everything, 0.5), _distill_targets(train_rows, labels, 0.5))
     assert not np.isin(full_train.targets(everything, 0.5), (0.0, 1.0)).all()
     assert np.isin(full_valid.labels, (0.0, 1.0)).all() and np.isin(text_valid.labels, (0.0, 1.0)).all()
+    for valid, valid_rows in ((text_valid, text_valid_rows), (full_valid, full_valid_rows)):  # the rows prompted
+        assert valid_rows.equals(split_rows(examples, "valid", 0, cfg.run.seed + 1))
+        np.testing.assert_array_equal(valid.labels, valid_rows.column("label").to_numpy().astype(np.float32))
 
 
 def test_a_code_bits_stage_distils_the_teacher_fitted_on_every_train_row(tiny_llm_dir):
@@ -181,7 +184,7 @@ def test_a_code_bits_stage_distils_the_teacher_fitted_on_every_train_row(tiny_ll
                              "tune.stage2.max_train_rows=64", "tune.stage2.max_valid_rows=32"])
     _, tokenizer = load_causal_lm(tiny_llm_dir)
     (full,) = tuning_stages(cfg.tune, "full")
-    train, _, _ = _stage_prompts(full, examples, items, USER_CODES, ITEM_CODES, cfg.prompt, tokenizer, cfg.run.seed)
+    train, _, _, _ = _stage_prompts(full, examples, items, USER_CODES, ITEM_CODES, cfg.prompt, tokenizer, cfg.run.seed)
     train_rows = split_rows(examples, "train", 64, cfg.run.seed)
     every_train_row = split_rows(examples, "train", 0, cfg.run.seed)
     assert every_train_row.num_rows > train_rows.num_rows
@@ -198,8 +201,8 @@ def test_an_annealed_stage_trains_each_step_on_the_distill_weight_of_that_step(t
                              "tune.stage2.max_train_rows=64", "tune.stage2.max_valid_rows=32"])
     model, tokenizer = load_causal_lm(tiny_llm_dir, dtype="float32")
     (full,) = tuning_stages(cfg.tune, "full")
-    train, valid, prompt_text = _stage_prompts(full, examples, items, USER_CODES, ITEM_CODES, cfg.prompt, tokenizer,
-                                               cfg.run.seed)
+    train, valid, _, prompt_text = _stage_prompts(full, examples, items, USER_CODES, ITEM_CODES, cfg.prompt, tokenizer,
+                                                  cfg.run.seed)
     task = StageTask(LocalBackend(), train, valid, full.settings, answer_tokens(tokenizer, prompt_text), 0,
                      cfg.run.seed, total_steps=10)
     weights = []

@@ -39,7 +39,7 @@ def demo_run(tmp_path_factory, tiny_llm_dir):
         "demo.max_train_rows=64", "demo.max_valid_rows=32", "demo.max_test_rows=50", "demo.score_users=3",
         "score.top_k=4",
         "tune.stage1.micro_batch_size=16", "tune.stage2.micro_batch_size=16",
-        "demo.blend_valid_rows=40", "tune.lora.top_layers=1", "tune.cache_trunk=true", "score.autocast=bfloat16",
+        "demo.blend=true", "tune.lora.top_layers=1", "tune.cache_trunk=true", "score.autocast=bfloat16",
     ])
     table = demo.main(cfg)
     return cfg, table
@@ -85,6 +85,27 @@ def test_the_demo_table_is_the_metrics_of_its_test_scores(demo_run):
         assert row["warm_rows"] + row["cold_rows"] == row["all_rows"] == 50
         assert 0.0 <= row["all_auc"] <= 1.0 and 0.0 <= row["all_uauc"] <= 1.0
     assert format_report(table) in open(f"{cfg.run_dir()}/eval/metrics.md").read()
+
+
+def test_demo_blend_is_fitted_on_the_tuning_validation_rows(demo_run):
+    """The Blend row reuses stage 2's validation rows (tune.stage2.max_valid_rows, seeded run.seed + 1) and the
+    kept adapter's scores of them: its standardisation is BinMF's logits of exactly those rows."""
+    import json
+
+    import numpy as np
+
+    from binllm.data import split_rows
+    from binllm.encoder import load_encoder, score_pairs
+
+    cfg, _ = demo_run
+    blend = json.loads(open(f"{cfg.run_dir()}/eval/blend.json").read())
+    examples = pq.read_table(f"{cfg.run_dir()}/examples/examples.parquet")
+    valid = split_rows(examples, "valid", cfg.tune.stage2.max_valid_rows, cfg.run.seed + 1)
+    assert blend["names"] == ["BinMF", "BinLLM"] and blend["fitted_on"]["rows"] == valid.num_rows > 100
+    assert blend["fitted_on"]["of"].startswith("stage2")
+    binmf = score_pairs(load_encoder(f"{cfg.run_dir()}/encoder"), valid["user_id"], valid["item_id"])
+    assert blend["mean"][0] == pytest.approx(float(np.mean(binmf.astype(np.float64))), abs=1e-6)
+    assert blend["std"][0] == pytest.approx(float(np.std(binmf.astype(np.float64))), abs=1e-6)
 
 
 def test_demo_ends_with_a_published_nightly_scoring_run(demo_run):

@@ -262,7 +262,7 @@ class DemoConfig:
     max_valid_rows: int = 128
     max_test_rows: int = 400
     score_users: int = 8  # active users for the closing nightly-scoring run (top score.top_k candidates each)
-    blend_valid_rows: int = 400  # validation rows that fit the Blend row (BinMF + BinLLM logits); 0: no blend
+    blend: bool = True  # a Blend row (BinMF + BinLLM logits) fitted on the last tuning stage's validation rows
 
 
 @dataclass

@@ -27,7 +27,7 @@ from binllm import prompt_spec, sources, storage, tracking
 from binllm.config import Config, ConfigError, DemoConfig, TuneConfig
 from binllm.data import split_rows
 from binllm.encoder import export_codes, train_encoder
-from binllm.evaluation import add_blend, eval_uri, score_test_rows, test_scores_uri, write_report
+from binllm.evaluation import add_blend, blend_fit_scores, eval_uri, score_test_rows, test_scores_uri, write_report
 from binllm.pipeline.run import ScoringJob, ScoringSummary, run_scoring
 from binllm.plots import plot_validation_curves
 from binllm.ray_env import init_ray
@@ -102,15 +102,18 @@ def _run(cfg: Config, tracked: tracking.JobRun) -> pa.Table:
     test = split_rows(examples, "test", cfg.demo.max_test_rows, cfg.run.seed)
     scores, fallbacks = scored(test)
     clock.step(f"test scoring ({test.num_rows} rows, {fallbacks} text-only fallbacks)")
-    if cfg.demo.blend_valid_rows:
-        valid = split_rows(examples, "valid", cfg.demo.blend_valid_rows, cfg.run.seed + 2)
-        scores, blend = add_blend(scored(valid)[0], scores)
-        storage.write_json(blend.to_dict(), storage.join_uri(eval_uri(layout.run_dir), "blend.json"), cfg.storage)
+    if cfg.demo.blend:
+        valid = tuned.valid_rows
+        scores, blend = add_blend(blend_fit_scores(valid, binmf, tuned.valid_scores), scores)
+        fitted_on = {"rows": valid.num_rows, "split": "valid",
+                     "of": f"{tuned.stages[-1].name}'s validation rows, BinLLM's scores from the kept adapter"}
+        storage.write_json({**blend.to_dict(), "fitted_on": fitted_on},
+                           storage.join_uri(eval_uri(layout.run_dir), "blend.json"), cfg.storage)
         clock.step(f"blend fitted on {valid.num_rows} validation rows (weights {blend.weights.round(3).tolist()})")
     storage.write_table(scores, test_scores_uri(layout.run_dir), cfg.storage)
     table, text = write_report(scores, layout.run_dir, cfg.run.seed, cfg.storage)
     tracked.log_report(table.to_pylist())
-    reports = ("metrics.md", "blend.json") if cfg.demo.blend_valid_rows else ("metrics.md",)
+    reports = ("metrics.md", "blend.json") if cfg.demo.blend else ("metrics.md",)
     tracked.log_files([plot, *(storage.join_uri(eval_uri(layout.run_dir), name) for name in reports)], "eval",
                       cfg.storage)
     nightly = _nightly_scoring(cfg, test, user_codes) if cfg.demo.score_users > 0 else None

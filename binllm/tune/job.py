@@ -66,8 +66,10 @@ class TuneResult:
     answer: AnswerTokens
     best_auc: float
     stages: list[StageResult] = field(default_factory=list)
-    # The last stage's validation rows: labels, and the scores of its best validation (None when that stage was
-    # resumed as finished), in row order: paired comparisons of tuning variants on the same rows.
+    # The last stage's validation rows (examples' columns), their labels, and the scores of its best validation
+    # (None when that stage was resumed as finished), in row order: paired comparisons of tuning variants on the
+    # same rows, and a blend fitted without scoring them again.
+    valid_rows: pa.Table | None = None
     valid_labels: np.ndarray | None = None
     valid_scores: np.ndarray | None = None
 
@@ -173,8 +175,8 @@ def tune_lora(
     best_state: dict[str, torch.Tensor] | None = None
     valid_scores: np.ndarray | None = None
     for stage in tuning_stages(tune, prompt.kind):
-        train, valid, prompt_text = _stage_prompts(stage, examples, items, user_codes, item_codes, prompt, tokenizer,
-                                                   seed)
+        train, valid, valid_rows, prompt_text = _stage_prompts(stage, examples, items, user_codes, item_codes, prompt,
+                                                               tokenizer, seed)
         answer = answer or answer_tokens(tokenizer, prompt_text, llm.answer, llm.negative_answer)
         stage_backend = backend or LocalBackend(device, grad_accum=stage.settings.grad_accum)
         summary, best_state, valid_scores = _run_or_resume_stage(stage, stage_backend, peft_model, train, valid,
@@ -182,7 +184,7 @@ def tune_lora(
         results.append(summary)
 
     return TuneResult(model=peft_model, adapter_state=best_state, answer=answer, best_auc=results[-1].best_auc,
-                      stages=results, valid_labels=valid.labels, valid_scores=valid_scores)
+                      stages=results, valid_rows=valid_rows, valid_labels=valid.labels, valid_scores=valid_scores)
 
 
 def _run_or_resume_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet, valid: PromptSet,
@@ -210,9 +212,9 @@ def _run_or_resume_stage(stage: Stage, backend: Backend, model: PeftModel, train
 
 def _stage_prompts(stage: Stage, examples: pa.Table, items: pa.Table, user_codes: pa.Table | None,
                    item_codes: pa.Table | None, prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase,
-                   seed: int) -> tuple[PromptSet, PromptSet, str]:
-    """The stage's train and valid prompts (seeded subsets of at most max_train_rows / max_valid_rows), and
-    one prompt text; refuses a stage without rows of both splits or with one validation label only."""
+                   seed: int) -> tuple[PromptSet, PromptSet, pa.Table, str]:
+    """The stage's train and valid prompts (seeded subsets of at most max_train_rows / max_valid_rows), the valid
+    rows, and one prompt text; refuses a stage without rows of both splits or with one validation label only."""
     train_rows, valid_rows = stage_rows(examples, stage.settings, seed)
     if train_rows.num_rows == 0 or valid_rows.num_rows == 0:
         raise DataError(f"{stage.name}: examples have {train_rows.num_rows} train and {valid_rows.num_rows} "
@@ -229,4 +231,4 @@ def _stage_prompts(stage: Stage, examples: pa.Table, items: pa.Table, user_codes
     valid, _ = tokenize_rows(valid_rows, items, user_codes, item_codes, prompt, stage.prompt_kind, tokenizer)
     if len(np.unique(valid.labels)) < 2:
         raise DataError(f"{stage.name}: the validation rows hold one label class only; AUC is undefined")
-    return train, valid, prompt_text
+    return train, valid, valid_rows, prompt_text
