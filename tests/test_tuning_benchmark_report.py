@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from binllm.benchmarks.tuning_at_equal_prompts import report, variant
+from binllm.benchmarks.tuning_at_equal_prompts import parse_args, parse_variant, report, variant
 from binllm.config import load_config
 from binllm.metrics import auc
 from binllm.tune.job import StageResult, TuneResult
@@ -47,3 +47,27 @@ def test_variants_are_every_layer_today_and_top_layers_over_the_cached_trunk():
     assert name == "top 8 cached, dropout 0" and top.lora.top_layers == 8 and top.cache_trunk
     assert top.lora.dropout == 0.0 and len(top.lora.target_modules) == 7
     assert variant(tune, 4, tune.lora.dropout)[0] == "top 4 cached"  # the configured dropout is not named
+
+
+def test_a_variant_spec_sets_its_own_dropout_lr_and_rank():
+    tune = load_config(None, []).tune
+    spec = parse_variant("top=4,dropout=0,lr=0.004,r=16")
+    assert spec == {"top": 4, "dropout": 0.0, "lr": 0.004, "r": 16}
+    name, top = variant(tune, **spec)
+    assert name == "top 4 cached, dropout 0, r 16, lr 0.004"
+    assert (top.lora.top_layers, top.lora.r, top.lora.alpha, top.lora.dropout) == (4, 16, 32, 0.0)
+    for stage, before in ((top.stage1, tune.stage1), (top.stage2, tune.stage2)):
+        assert stage.lr == 0.004 and stage.min_lr == pytest.approx(before.min_lr * 0.004 / before.lr)
+    assert variant(tune, **parse_variant("top=8"))[1].stage2 == tune.stage2
+    args = parse_args(["--variant", "top=4,lr=0.004", "--variant", "top=2"])
+    assert args.variants == [{"top": 4, "lr": 0.004}, {"top": 2}]
+
+
+@pytest.mark.parametrize("spec, message", [("top=4,rank=8", "'rank=8': expected key=value"),
+                                           ("top=4,lr=fast", "lr: 'fast' is not a float"),
+                                           ("lr=0.004", "top=N .* is required")])
+def test_a_bad_variant_spec_names_the_key(spec, message):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse_variant(spec)

@@ -12,7 +12,9 @@ tunes fresh LoRA on the same --prompts full prompts for --epochs epochs (intuiti
 and schedule) and is validated at the end of every epoch on the same --valid-rows rows. Variants:
 - every layer: LoRA r=8 on q_proj/v_proj of all 30 layers (the demo before the frozen-trunk cache);
 - top N cached: LoRA on every projection of the last N layers, the trunk below cached (tune.cache_trunk), with
-  LoRA dropout --top-dropout (default: tune.lora.dropout).
+  LoRA dropout --top-dropout (default: tune.lora.dropout);
+- --variant top=N[,dropout=D][,lr=L][,r=R] (repeatable, instead of --top-layers): a top-N variant with its own
+  dropout, stage lr (min_lr scaled by the same factor) and LoRA rank (alpha 2R, the configured alpha/r scaling).
 prompts/s counts prompt passes (prompts x epochs) over the stage's wall time without validation; "x" is the
 ratio to the first variant; each variant's best validation AUC is compared with the first's on the same rows
 (paired bootstrap, 1,000 resamples: the difference and its 95% interval). The validation scores of every variant
@@ -47,23 +49,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-layers", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--top-dropout", type=float, default=None,
                         help="LoRA dropout of the top-N variants (default: tune.lora.dropout, as every layer's)")
+    parser.add_argument("--variant", dest="variants", action="append", default=[], type=parse_variant,
+                        metavar="top=N[,dropout=D][,lr=L][,r=R]",
+                        help="a top-N variant with its own settings; repeatable; replaces --top-layers")
     parser.add_argument("--output-root", default="runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides after the benchmark's own, e.g. encoder.max_epochs=1 for a quick run")
     return parser.parse_args(argv)
 
 
-def variant(tune: TuneConfig, top_layers: int, dropout: float | None = None) -> tuple[str, TuneConfig]:
-    """(name, tune settings) of a variant: top_layers 0 is every layer; dropout None keeps tune.lora's."""
-    if top_layers == 0:
+VARIANT_KEYS = {"top": int, "dropout": float, "lr": float, "r": int}
+
+
+def parse_variant(spec: str) -> dict:
+    """--variant's "top=4,lr=0.004" as {"top": 4, "lr": 0.004}; argparse reports a bad spec with its key."""
+    settings = {}
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        if key not in VARIANT_KEYS or not value:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected key=value with a key in {sorted(VARIANT_KEYS)}")
+        try:
+            settings[key] = VARIANT_KEYS[key](value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a {VARIANT_KEYS[key].__name__}") from None
+    if settings.get("top", 0) <= 0:
+        raise argparse.ArgumentTypeError(f"{spec!r}: top=N (N >= 1 layers) is required")
+    return settings
+
+
+def variant(tune: TuneConfig, top: int, dropout: float | None = None, lr: float | None = None,
+            r: int | None = None) -> tuple[str, TuneConfig]:
+    """(name, tune settings) of a variant: top 0 is every layer; dropout None keeps tune.lora's; lr sets the stages'
+    lr and scales their min_lr by the same factor; r sets the LoRA rank with alpha 2r."""
+    if top == 0:
         lora = dataclasses.replace(tune.lora, top_layers=0, target_modules=["q_proj", "v_proj"])
         name = "every layer"
     else:
-        lora = dataclasses.replace(tune.lora, top_layers=top_layers, target_modules=ALL_PROJECTIONS)
-        name = f"top {top_layers} cached"
+        lora = dataclasses.replace(tune.lora, top_layers=top, target_modules=ALL_PROJECTIONS)
+        name = f"top {top} cached"
     if dropout is not None and dropout != tune.lora.dropout:
         lora, name = dataclasses.replace(lora, dropout=dropout), f"{name}, dropout {dropout:g}"
-    return name, dataclasses.replace(tune, lora=lora, cache_trunk=top_layers > 0)
+    if r is not None and r != tune.lora.r:
+        lora, name = dataclasses.replace(lora, r=r, alpha=2 * r), f"{name}, r {r}"
+    tune = dataclasses.replace(tune, lora=lora, cache_trunk=top > 0)
+    if lr is not None:
+        scaled = lambda stage: dataclasses.replace(stage, lr=lr, min_lr=stage.min_lr * lr / stage.lr)
+        tune = dataclasses.replace(tune, stage1=scaled(tune.stage1), stage2=scaled(tune.stage2))
+        name = f"{name}, lr {lr:g}"
+    return name, tune
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     binmf = train_encoder(examples, cfg.encoder, kind="binary", seed=cfg.run.seed)
     user_codes, item_codes = export_codes(binmf)
     runs = []
-    for top in [0, *args.top_layers]:
-        name, tune = variant(cfg.tune, top, args.top_dropout if top else None)
+    specs = args.variants or [{"top": top, "dropout": args.top_dropout} for top in args.top_layers]
+    for spec in [{"top": 0}, *specs]:
+        name, tune = variant(cfg.tune, **spec)
         model, tokenizer = sources.load_base_model(cfg.llm, cfg.storage)
         tuned = tune_lora(examples, items, user_codes, item_codes, tune=tune, prompt=cfg.prompt, llm=cfg.llm,
                           seed=cfg.run.seed, model=model, tokenizer=tokenizer)
