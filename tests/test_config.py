@@ -101,8 +101,9 @@ def test_demo_preset_only_resizes_the_defaults_and_distills_stage2():
     assert (demo.tune.stage2.distill, demo.tune.stage1.distill, base.tune.stage2.distill) == (0.9, 0.0, 0.0)
     assert (demo.tune.stage2.epochs, demo.tune.stage2.eval_every, demo.tune.stage2.distill_teacher) == (3, 0, "code_bits")
     assert (demo.tune.lora.top_layers, demo.tune.lora.dropout, base.tune.lora.dropout) == (8, 0.0, 0.05)
-    assert (demo.tune.stage2.lr, demo.encoder.vocabulary, demo.prompt.code_format) == (
-        base.tune.stage2.lr, base.encoder.vocabulary, base.prompt.code_format)
+    assert (demo.tune.stage2.lr, demo.tune.stage2.min_lr, base.tune.stage2.lr) == (0.004, 0.0004, 0.002)
+    assert (demo.tune.stage1.lr, demo.encoder.vocabulary, demo.prompt.code_format) == (
+        base.tune.stage1.lr, base.encoder.vocabulary, base.prompt.code_format)
 
 
 @pytest.mark.parametrize("name", ["../../escape", "a/b", "..", ".hidden", "x" * 129, "run name"])
