@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from binllm.benchmarks.tuning_at_equal_prompts import parse_args, parse_variant, report, variant
@@ -15,7 +16,7 @@ def _tuned(labels, scores, steps, seconds):
                         stopped_early=False, history=[], train_rows=100, valid_rows=len(labels), train_tokens=1,
                         padded_tokens=1, train_seconds=seconds, prompts_per_step=16.0)
     return TuneResult(model=None, adapter_state={}, answer=None, best_auc=stage.best_auc, stages=[stage],
-                      valid_labels=labels, valid_scores=scores)
+                      valid_rows=pa.table({"label": labels}), valid_scores=scores)
 
 
 def test_report_gives_pass_rates_their_ratio_and_the_paired_difference():

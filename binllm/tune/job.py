@@ -66,12 +66,18 @@ class TuneResult:
     answer: AnswerTokens
     best_auc: float
     stages: list[StageResult] = field(default_factory=list)
-    # The last stage's validation rows (examples' columns), their labels, and the scores of its best validation
-    # (None when that stage was resumed as finished), in row order: paired comparisons of tuning variants on the
-    # same rows, and a blend fitted without scoring them again.
+    # The last stage's validation rows (examples' columns) and the scores of its best validation (None when that
+    # stage was resumed as finished), in row order: paired comparisons of tuning variants on the same rows, and a
+    # blend fitted without scoring them again.
     valid_rows: pa.Table | None = None
-    valid_labels: np.ndarray | None = None
     valid_scores: np.ndarray | None = None
+
+    @property
+    def valid_labels(self) -> np.ndarray | None:
+        """valid_rows' click labels, float32 (as tuning validated on them)."""
+        if self.valid_rows is None:
+            return None
+        return self.valid_rows.column("label").to_numpy(zero_copy_only=False).astype(np.float32)
 
 
 def run_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet, valid: PromptSet,
@@ -184,7 +190,7 @@ def tune_lora(
         results.append(summary)
 
     return TuneResult(model=peft_model, adapter_state=best_state, answer=answer, best_auc=results[-1].best_auc,
-                      stages=results, valid_rows=valid_rows, valid_labels=valid.labels, valid_scores=valid_scores)
+                      stages=results, valid_rows=valid_rows, valid_scores=valid_scores)
 
 
 def _run_or_resume_stage(stage: Stage, backend: Backend, model: PeftModel, train: PromptSet, valid: PromptSet,
